@@ -1,0 +1,416 @@
+"""What a local run shows on the terminal.
+
+Two modes, chosen by whether the stream is a terminal:
+
+- live: a status block at the bottom (each active run, its tasks with state,
+  progress bar and duration) redrawn with ANSI at most ~10 times a second,
+  with task output scrolling above it;
+- plain: one line per event, for logs and pipes.
+
+Both modes print task output at no more than ``max_lines_per_second`` lines a
+second across all runs; what is held back is counted and reported as
+"... N lines not shown (see log file)" before that source prints again, when
+its task finishes, or as soon as the rate allows. Nothing is dropped without a
+count. When a run finishes, a summary (tasks, states, durations, notes, result
+tables and the log file's path) is printed.
+
+Task-provided text (output, notes, names, table cells) is untrusted: ANSI
+escape sequences and control characters are stripped before it reaches the
+terminal, so a task cannot move the cursor, retitle the window or reset it.
+
+Several runs may report at once from their own threads. Events update state
+and queue text under one lock; the text is written outside it, by whichever
+thread gets the write lock first, in queue order, so a slow terminal never
+blocks another run's bookkeeping and frames never interleave.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TextIO
+
+from ..executor.events import NullListener
+from ..executor.records import RunRecord, TaskRecord
+from .report_html import cell_text, format_duration, table_columns
+
+FRAME_INTERVAL_S = 0.1
+MAX_LINE_CHARS = 1000
+MAX_NOTE_LINES = 20
+MAX_SUMMARY_ROWS = 20
+MAX_CELL_CHARS = 30
+MAX_BLOCK_TASKS = 10
+BAR_WIDTH = 20
+SHOWN_RUNNER_LEVELS = {"warn", "warning", "error", "critical"}
+
+# CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST), DCS/SOS/PM/APC strings, and
+# two-character escapes such as ESC c (full reset).
+_ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]?"
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
+    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"
+    r"|\x1b[ -/]*[0-~]?"
+)
+# C0 and C1 controls and DEL, plus the bidi overrides that reorder what is shown.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_COLORS = {"COMPLETED": "32", "FAILED": "31", "RUNNING": "36", "RETRYING": "33", "PENDING": "2"}
+_FINISHED = {"COMPLETED", "FAILED"}
+
+
+def clean_text(text: Any) -> str:
+    """`text` as one line that cannot drive the terminal: escapes and controls removed."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    if "\r" in text:
+        # A carriage return redraws the line on a terminal: keep what would remain visible.
+        text = next((part for part in reversed(text.split("\r")) if part), "")
+    return _CONTROLS.sub("", _ESCAPES.sub("", text).expandtabs(4))
+
+
+def clean_lines(text: Any) -> list[str]:
+    """Multi-line `text` (a note, a traceback) as clean lines."""
+    return [clean_text(line) for line in str(text).splitlines()] or [""]
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+class _LineBudget:
+    """How many output lines may still be shown in the current one-second window."""
+
+    def __init__(self, per_second: int, clock: Callable[[], float]) -> None:
+        self.per_second = per_second
+        self.clock = clock
+        self.window_start = float("-inf")
+        self.used = 0
+
+    def available(self) -> int:
+        now = self.clock()
+        if now - self.window_start >= 1.0:
+            self.window_start, self.used = now, 0
+        return self.per_second - self.used
+
+    def take(self, wanted: int) -> int:
+        granted = min(wanted, self.available())
+        self.used += granted
+        return granted
+
+
+class TerminalView(NullListener):
+    """A RunListener that shows runs on a terminal (live) or as plain lines."""
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        live: bool | None = None,
+        *,
+        max_lines_per_second: int = 100,
+        clock: Callable[[], float] = time.monotonic,
+        width: int | None = None,
+    ) -> None:
+        self.stream = sys.stdout if stream is None else stream
+        self.live = _is_tty(self.stream) if live is None else live
+        self._clock = clock
+        self._width = width
+        self._budget = _LineBudget(max_lines_per_second, clock)
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._runs: dict[str, RunRecord] = {}
+        # (run_id, task index or None for the flow body) -> [lines held back, label]
+        self._dropped: dict[tuple[str, int | None], list[Any]] = {}
+        self._pending: list[str] = []  # lines waiting for the next frame (live mode)
+        self._outbox: list[str] = []  # text waiting to be written, in order
+        self._block_height = 0
+        self._last_frame = float("-inf")
+        self._broken = False
+
+    # --- events -----------------------------------------------------------------
+
+    def run_started(self, run: RunRecord) -> None:
+        with self._lock:
+            self._runs[run.run_id] = run
+            self._add([f"==> {clean_text(run.flow_name)}: run {clean_text(run.run_id)} started"])
+            self._compose(force=True)
+        self._drain()
+
+    def runner_log(self, run: RunRecord, line: str, level: str = "info") -> None:
+        if level.lower() not in SHOWN_RUNNER_LEVELS:
+            return  # info lines are in the log file; the terminal keeps to what matters
+        with self._lock:
+            text = [f"{self._run_tag(run)}!!! {level.upper()}: {line}"
+                    for line in clean_lines(line)]
+            self._add(text)
+            self._compose(force=True)
+        self._drain()
+
+    def task_started(self, run: RunRecord, task: TaskRecord) -> None:
+        with self._lock:
+            if not self.live:
+                self._add([f"{self._run_tag(run)}--> {self._label(task)} started"])
+            self._compose(force=True)
+        self._drain()
+
+    def task_progress(self, run: RunRecord, task: TaskRecord) -> None:
+        with self._lock:
+            self._report_dropped_if_budget()
+            self._compose(force=False)
+        self._drain()
+
+    def task_output(
+        self, run: RunRecord, task: TaskRecord | None, stream: str, lines: list[str]
+    ) -> None:
+        with self._lock:
+            shown = self._budget.take(len(lines))
+            if shown:
+                self._report_dropped(self._dropped)
+            if shown < len(lines):
+                key = (run.run_id, None if task is None else task.index)
+                entry = self._dropped.setdefault(key, [0, self._source(run, task)])
+                entry[0] += len(lines) - shown
+            mark = "|" if stream == "stdout" else "!"
+            prefix = f"    {self._source(run, task)} {mark} "
+            self._add(prefix + _clip(clean_text(line), MAX_LINE_CHARS) for line in lines[:shown])
+            self._compose(force=False)
+        self._drain()
+
+    def task_retrying(self, run: RunRecord, task: TaskRecord) -> None:
+        with self._lock:
+            head = f"{self._run_tag(run)}~~> {self._label(task)} retrying after attempt "
+            self._add(self._with_note(f"{head}{task.attempts} failed", task.note))
+            self._compose(force=True)
+        self._drain()
+
+    def task_finished(self, run: RunRecord, task: TaskRecord) -> None:
+        with self._lock:
+            self._report_dropped({k: v for k, v in self._dropped.items()
+                                  if k == (run.run_id, task.index)})
+            if not self.live:
+                head = (f"{self._run_tag(run)}<-- {self._label(task)} {task.state} "
+                        f"in {format_duration(task.duration_ms)}")
+                self._add(self._with_note(head, task.note))
+            self._compose(force=True)
+        self._drain()
+
+    def run_finished(self, run: RunRecord) -> None:
+        with self._lock:
+            self._report_dropped({k: v for k, v in self._dropped.items() if k[0] == run.run_id})
+            self._runs.pop(run.run_id, None)
+            self._add(summary_lines(run))
+            self._compose(force=True)
+        self._drain()
+
+    def print_line(self, text: str) -> None:
+        """Print a line of the caller's (e.g. the report paths) without breaking the view."""
+        with self._lock:
+            self._add(clean_lines(text))
+            self._compose(force=True)
+        self._drain()
+
+    # --- labels -----------------------------------------------------------------
+
+    def _run_tag(self, run: RunRecord) -> str:
+        # Only needed to tell runs apart when several report at once.
+        return f"[{clean_text(run.flow_name)}] " if len(self._runs) > 1 else ""
+
+    @staticmethod
+    def _label(task: TaskRecord) -> str:
+        return f"#{task.index} {clean_text(task.name)}"
+
+    def _source(self, run: RunRecord, task: TaskRecord | None) -> str:
+        return self._run_tag(run) + ("flow" if task is None else self._label(task))
+
+    @staticmethod
+    def _with_note(head: str, note: str) -> list[str]:
+        if not note:
+            return [head]
+        first, *rest = clean_lines(note)
+        more = len(rest) - MAX_NOTE_LINES
+        lines = [f"{head}: {first}", *(f"        {line}" for line in rest[:MAX_NOTE_LINES])]
+        return lines + ([f"        ... {more} more lines (see log file)"] if more > 0 else [])
+
+    # --- held-back output -------------------------------------------------------------
+
+    def _report_dropped(self, entries: dict[tuple[str, int | None], list[Any]]) -> None:
+        for key, (count, source) in list(entries.items()):
+            run = self._runs.get(key[0])
+            where = f"see log file {run.log_path}" if run and run.log_path else "see log file"
+            self._add([f"    {source} | ... {count:,} lines not shown ({where})"])
+            del self._dropped[key]
+
+    def _report_dropped_if_budget(self) -> None:
+        # A source that went quiet gets its count as soon as the rate allows again.
+        if self._dropped and self._budget.available() > 0:
+            self._report_dropped(self._dropped)
+
+    # --- composing and writing ----------------------------------------------------
+
+    def _add(self, lines: Iterable[str]) -> None:
+        self._pending.extend(lines)
+
+    def _compose(self, force: bool) -> None:
+        """Move pending lines (and, live, a fresh status block) to the outbox."""
+        if not self.live:
+            if self._pending:
+                self._outbox.append("".join(line + "\n" for line in self._pending))
+                self._pending.clear()
+            return
+        now = self._clock()
+        if not force and now - self._last_frame < FRAME_INTERVAL_S:
+            return
+        self._last_frame = now
+        self._outbox.append(self._frame())
+
+    def _frame(self) -> str:
+        width, height = self._terminal_size()
+        # Back to the top of the old block and clear it; output lines then scroll
+        # above where the new block is drawn.
+        erase = f"\r\x1b[{self._block_height}A\x1b[J" if self._block_height else ""
+        block = block_lines(list(self._runs.values()), width, color=True)[: max(height - 2, 1)]
+        self._block_height = len(block)
+        text = erase + "".join(line + "\n" for line in self._pending + block)
+        self._pending.clear()
+        return text
+
+    def _terminal_size(self) -> tuple[int, int]:
+        try:
+            size = os.get_terminal_size(self.stream.fileno())
+            columns, lines = size.columns, size.lines
+        except (AttributeError, ValueError, OSError):
+            columns, lines = 100, 24
+        return (self._width or columns), lines
+
+    def _drain(self) -> None:
+        """Write the outbox in order; the thread that holds the write lock writes for all."""
+        while self._write_lock.acquire(blocking=False):
+            try:
+                while True:
+                    with self._lock:
+                        text = "".join(self._outbox)
+                        self._outbox.clear()
+                    if not text:
+                        break
+                    self._write(text)
+            finally:
+                self._write_lock.release()
+            with self._lock:
+                if not self._outbox:
+                    return
+
+    def _write(self, text: str) -> None:
+        if self._broken:
+            return
+        try:
+            try:
+                self.stream.write(text)
+            except UnicodeEncodeError:
+                encoding = getattr(self.stream, "encoding", None) or "ascii"
+                self.stream.write(text.encode(encoding, "replace").decode(encoding))
+            self.stream.flush()
+        except (OSError, ValueError):
+            # A closed pipe or terminal must not take the run down; the log file has it all.
+            self._broken = True
+
+
+# --- rendering (pure functions of the records) -------------------------------------
+
+
+def block_lines(runs: list[RunRecord], width: int, color: bool = False) -> list[str]:
+    """The live status block: per run a header and a window of its tasks."""
+    lines: list[str] = []
+    for run in runs:
+        done = sum(task.state in _FINISHED for task in run.tasks)
+        elapsed = _elapsed_ms(run.started_at, None)
+        header = (f"{clean_text(run.flow_name)} ({clean_text(run.run_id)})  "
+                  f"{done}/{len(run.tasks)} tasks  {format_duration(elapsed)}")
+        lines.append(_clip(header, width - 1))
+        lines.extend(_task_window(run.tasks, width, color))
+    return lines
+
+
+def _task_window(tasks: list[TaskRecord], width: int, color: bool) -> list[str]:
+    first_pending = next((i for i, t in enumerate(tasks) if t.state == "PENDING"), len(tasks))
+    end = min(len(tasks), first_pending + 2)
+    start = max(0, end - MAX_BLOCK_TASKS)
+    lines = [f"  ... {start} earlier tasks"] if start else []
+    lines += [_task_line(task, width, color) for task in tasks[start:end]]
+    if end < len(tasks):
+        lines.append(f"  ... {len(tasks) - end} more tasks")
+    return lines
+
+
+def _task_line(task: TaskRecord, width: int, color: bool) -> str:
+    progress = 100 if task.state == "COMPLETED" else max(0, min(int(task.progress), 99))
+    filled = progress * BAR_WIDTH // 100
+    bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+    duration = task.duration_ms
+    if duration is None and task.state not in _FINISHED | {"PENDING"}:
+        duration = _elapsed_ms(task.started_at, None)
+    head = f"  #{task.index:<3} {_clip(clean_text(task.name), 28):<28} "
+    tail = f" [{bar}] {progress:>3}%  {format_duration(duration) if duration else ''}"
+    line = _clip(head + f"{task.state:<9}" + tail, width - 1)
+    code = _COLORS.get(task.state)
+    if not color or not code or len(line) < len(head) + 9:
+        return line
+    # Colour only the state column, at its known position.
+    return f"{line[:len(head)]}\x1b[{code}m{line[len(head):len(head) + 9]}\x1b[0m" \
+           f"{line[len(head) + 9:]}"
+
+
+def _elapsed_ms(started: float | None, ended: float | None) -> float | None:
+    if started is None:
+        return None
+    return ((time.time() if ended is None else ended) - started) * 1000
+
+
+def summary_lines(run: RunRecord) -> list[str]:
+    """The end-of-run summary: task table, result tables, log file."""
+    duration = format_duration(_elapsed_ms(run.started_at, run.ended_at))
+    lines = [f"==> {clean_text(run.flow_name)}: run {clean_text(run.run_id)} "
+             f"{run.state} in {duration}"]
+    if run.note:
+        lines += [f"    {line}" for line in clean_lines(run.note)[:MAX_NOTE_LINES]]
+    rows = [
+        {"#": task.index, "task": task.name, "state": task.state,
+         "duration": format_duration(task.duration_ms), "note": clean_lines(task.note)[0]}
+        for task in run.tasks
+    ]
+    lines += format_table(rows, max_cell=60) if rows else ["    (no tasks ran)"]
+    with_tables = [task for task in run.tasks if task.table]
+    if with_tables:
+        lines.append("Results:")
+    for task in with_tables:
+        lines.append(f"    #{task.index} {clean_text(task.name)}")
+        lines += ["  " + line for line in format_table(task.table)]
+    if run.log_path:
+        lines.append(f"Log file: {clean_text(run.log_path)}")
+    return lines
+
+
+def format_table(rows: list[Any], max_cell: int = MAX_CELL_CHARS) -> list[str]:
+    """Rows of dicts as aligned text columns (at most MAX_SUMMARY_ROWS rows)."""
+    rows = [{str(k): v for k, v in row.items()} if isinstance(row, dict) else {"value": row}
+            for row in rows]
+    columns = table_columns(rows)
+    shown = rows[:MAX_SUMMARY_ROWS]
+    cells = [[_clip(clean_text(column), max_cell) for column in columns]]
+    cells += [[_clip(clean_text(cell_text(row.get(c, ""))), max_cell) for c in columns]
+              for row in shown]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["    " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in cells]
+    if len(rows) > len(shown):
+        lines.append(f"    ... {len(rows) - len(shown):,} more rows (see the report)")
+    return lines
