@@ -26,6 +26,7 @@ from typing import TextIO
 
 from ..executor.events import NullListener
 from ..executor.records import RunRecord, TaskRecord
+from .report_html import format_bytes
 
 _BUFFER_BYTES = 1 << 20
 _FLUSH_INTERVAL_S = 1.0
@@ -111,8 +112,10 @@ class LogFileListener(NullListener):
 
     def task_finished(self, run: RunRecord, task: TaskRecord) -> None:
         level = "INFO" if task.state == "COMPLETED" else "ERROR"
-        self._event(run, f"{_source(task)} {task.state} in {_seconds(task.duration_ms)}"
-                         f"{': ' + task.note if task.note else ''}", level=level)
+        peak = f" (peak memory {format_bytes(task.peak_rss)})" if task.peak_rss else ""
+        note = f": {task.note}" if task.note else ""
+        took = _seconds(task.duration_ms)
+        self._event(run, f"{_source(task)} {task.state} in {took}{peak}{note}", level=level)
         self._flush(run)
 
     def run_finished(self, run: RunRecord) -> None:

@@ -222,14 +222,14 @@ def format_duration(duration_ms: Any) -> str:
 
 
 def format_bytes(size: Any) -> str:
-    """'512 B', '1.5 KB', '231.0 MB' (powers of 1024); '-' when unknown."""
+    """'512 B', '1.5 KiB', '231.0 MiB'; '-' when unknown."""
     if not _is_number(size) or not math.isfinite(size) or size < 0:
         return "-"
-    for unit in ("B", "KB", "MB", "GB"):
+    for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
-    return f"{size:.1f} TB"
+    return f"{size:.1f} TiB"
 
 
 def format_time(epoch: Any) -> str:
