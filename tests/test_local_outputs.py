@@ -254,9 +254,16 @@ def test_live_view_redraws_at_most_ten_times_a_second() -> None:
     assert "\x1b[36mRUNNING  \x1b[0m [#########-----------]  49%" in text
     finish(task)
     view.task_finished(run, task)
-    run.state = "COMPLETED"
+    finish(run.tasks[1], "FAILED", note="exited with code 3")
+    view.task_finished(run, run.tasks[1])
+    run.state = "FAILED"
     view.run_finished(run)
-    assert "==> Daily Sales ETL: run run-abc123 COMPLETED" in out.getvalue()
+    text = out.getvalue()
+    assert "<-- #0 task_0" not in text  # completions live in the block
+    assert "<-- #1 task_1 FAILED in 1.5 s: exited with code 3\n" in text
+    summary = text.rindex("==> Daily Sales ETL: run run-abc123 FAILED")
+    assert "\x1b[J<-- #1" in text[:summary]  # the block is erased, then the summary printed
+    assert "\x1b" not in text[summary:]  # and no block is drawn after the last run
 
 
 def test_concurrent_runs_never_interleave_within_a_line() -> None:

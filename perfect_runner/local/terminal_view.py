@@ -197,7 +197,8 @@ class TerminalView(NullListener):
         with self._lock:
             self._report_dropped({k: v for k, v in self._dropped.items()
                                   if k == (run.run_id, task.index)})
-            if not self.live:
+            # Live, the block shows completions; a failure's note is worth keeping above it.
+            if not self.live or task.state != "COMPLETED":
                 head = (f"{self._run_tag(run)}<-- {self._label(task)} {task.state} "
                         f"in {format_duration(task.duration_ms)}")
                 self._add(self._with_note(head, task.note))
@@ -362,11 +363,11 @@ def _task_line(task: TaskRecord, width: int, color: bool) -> str:
     tail = f" [{bar}] {progress:>3}%  {format_duration(duration) if duration else ''}"
     line = _clip(head + f"{task.state:<9}" + tail, width - 1)
     code = _COLORS.get(task.state)
-    if not color or not code or len(line) < len(head) + 9:
+    start, end = len(head), len(head) + 9
+    if not color or not code or len(line) < end:
         return line
-    # Colour only the state column, at its known position.
-    return f"{line[:len(head)]}\x1b[{code}m{line[len(head):len(head) + 9]}\x1b[0m" \
-           f"{line[len(head) + 9:]}"
+    # Colour only the state column, at its known position, after clipping to the width.
+    return f"{line[:start]}\x1b[{code}m{line[start:end]}\x1b[0m{line[end:]}"
 
 
 def _elapsed_ms(started: float | None, ended: float | None) -> float | None:
