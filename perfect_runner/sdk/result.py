@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class TaskState(str, Enum):
+class TaskState(StrEnum):
     """Execution states for tasks and runs, spelled as the backend spells them."""
 
     PENDING = "PENDING"

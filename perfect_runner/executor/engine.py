@@ -1,0 +1,44 @@
+"""The executor's entry point: load the flows (in a child), start runs of them.
+
+`FlowExecutor` owns the launcher (fork server or spawn) and the flows' metadata
+as JSON. It is shared by local mode and the worker; each run gets its own
+`FlowRun` on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+from ..isolation.launcher import Launcher, start_launcher
+from .events import RunListener
+from .flow_run import FlowRun
+from .options import RunOptions
+from .records import RunRecord
+
+
+class FlowExecutor:
+    def __init__(self, modules: list[str], start_method: str = "forkserver",
+                 options: RunOptions | None = None, env: dict[str, str] | None = None) -> None:
+        self.options = options or RunOptions()
+        self.launcher: Launcher = start_launcher(start_method, modules,
+                                                 dict(os.environ if env is None else env))
+        self.flows: dict[str, dict[str, Any]] = {
+            f["name"]: f for f in self.launcher.metadata["flows"]}
+        self.tasks: dict[str, dict[str, Any]] = self.launcher.metadata["tasks"]
+
+    def flow_tasks(self, flow_name: str) -> list[dict[str, Any]]:
+        """The flow's tasks in call order, as read from its source."""
+        return [self.tasks[key] for key in self.flows[flow_name]["tasks"] if key in self.tasks]
+
+    def new_run(self, flow_name: str, listener: RunListener, run_id: str | None = None) -> FlowRun:
+        flow = self.flows[flow_name]
+        record = RunRecord(
+            run_id=run_id or f"local-{uuid.uuid4().hex[:8]}", flow_name=flow_name,
+            description=flow.get("description", ""), tags=dict(flow.get("tags") or {}),
+        )
+        return FlowRun(record, flow, self.tasks, self.launcher, listener, self.options)
+
+    def close(self) -> None:
+        self.launcher.close()

@@ -1,0 +1,304 @@
+"""One flow run in the control process: the flow process, its task calls, the outcome.
+
+The flow body runs in a flow process. Each task call it makes arrives here as
+a CallTask; we number it (0-based, in call order), run it in a fresh task
+process (with retries), report it to the listeners, and answer the flow
+process with what the call evaluates to. Semantics follow Perfect's reference
+client: a failed crucial task stops the flow (the call raises in the flow
+body) and fails the run; a failed non-crucial task is a warning and the call
+returns the task's TaskResult, or None.
+
+Failures of the flow itself (its body raised outside a task, its process
+died, it ran past `@flow(timeout=...)`) are reported as one extra crucial task
+named "flow", so the backend marks the run FAILED: it has no other way to.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from ..isolation.child_bootstrap import ChildConfig
+from ..isolation.child_process import ChildProcess
+from ..isolation.launcher import Launcher, LaunchError
+from ..isolation.outcome import Kind, Outcome, describe_signal
+from ..isolation.proctree import kill_tree
+from ..isolation.protocol import (
+    CallTask,
+    FlowFinished,
+    FlowRaised,
+    RunTask,
+    StartFlow,
+    TaskReply,
+)
+from ..isolation.selector_loop import SelectorLoop
+from ..isolation.supervisor import TaskLimits, TaskSupervisor
+from .events import RunListener
+from .options import RunOptions
+from .records import RunRecord, TaskRecord
+
+FLOW_TASK_NAME = "flow"
+
+
+class FlowRun:
+    def __init__(self, run: RunRecord, flow_meta: dict[str, Any], tasks_meta: dict[str, Any],
+                 launcher: Launcher, listener: RunListener, options: RunOptions) -> None:
+        self.run = run
+        self.flow_meta = flow_meta
+        self.tasks_meta = tasks_meta
+        self.launcher = launcher
+        self.listener = listener
+        self.options = options
+        self.loop = SelectorLoop()
+        self._cancel: tuple[Kind, str] | None = None
+        self._lock = threading.Lock()
+        self._crucial_failed = False
+        self._deadline = None
+        if flow_meta.get("timeout"):
+            self._flow_timeout = float(flow_meta["timeout"])
+        else:
+            self._flow_timeout = None
+
+    # --- other threads ----------------------------------------------------
+
+    def cancel(self, reason: str, kind: Kind = Kind.CANCELLED) -> None:
+        """Stop the run from another thread: kill its processes, report why."""
+        with self._lock:
+            if self._cancel is None:
+                self._cancel = (kind, reason)
+        self.loop.wake()
+
+    def cancel_reason(self) -> tuple[Kind, str] | None:
+        if self._cancel is None and self._deadline and time.monotonic() > self._deadline:
+            self._cancel = (Kind.TIMED_OUT, f"{self._flow_timeout:.1f}")
+        return self._cancel
+
+    # --- the run ----------------------------------------------------------
+
+    def execute(self) -> RunRecord:
+        self.run.started_at = time.time()
+        if self._flow_timeout:
+            self._deadline = time.monotonic() + self._flow_timeout
+        self.listener.run_started(self.run)
+        self.log(f"Starting flow: {self.run.flow_name}")
+        try:
+            self._run_flow_process()
+        finally:
+            self.loop.close()
+        return self._finish()
+
+    def _run_flow_process(self) -> None:
+        try:
+            flow = ChildProcess(self.launcher, self._child_config("flow"), self.loop,
+                                self._flow_output, max_blob=self.options.max_result + (1 << 20))
+        except LaunchError as exc:
+            self._fail_flow(f"could not start the flow process: {exc}")
+            return
+        try:
+            flow.send(StartFlow(flow_name=self.run.flow_name, run_id=self.run.run_id))
+            self._serve(flow)
+        finally:
+            kill_tree(flow.pid)
+            flow.drain()
+            flow.close()
+
+    def _serve(self, flow: ChildProcess) -> None:
+        """Answer the flow process's task calls until its body is done."""
+        while True:
+            while not flow.frames and flow.running and not self.cancel_reason():
+                self.loop.poll(self._time_left())
+            if self.cancel_reason():
+                self._on_cancelled()
+                return
+            if not flow.frames:
+                flow.drain()
+            if not flow.frames:
+                self._flow_died(flow)
+                return
+            message, blob = flow.frames.popleft()
+            if isinstance(message, CallTask):
+                reply, reply_blob = self._call_task(message, blob, flow)
+                flow.send(reply, reply_blob)
+            else:
+                self._flow_ended(message)
+                return
+
+    def _time_left(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    # --- task calls -------------------------------------------------------
+
+    def _call_task(self, call: CallTask, args_blob: bytes,
+                   flow: ChildProcess) -> tuple[TaskReply, bytes]:
+        if self._crucial_failed:
+            return TaskReply(action="fail", task_name=call.name,
+                             note="the flow already failed; no more tasks run"), b""
+        task = self._new_task(call)
+        self.listener.task_started(self.run, task)
+        if call.args_error:
+            outcome = Outcome(Kind.UNSENDABLE, detail=call.args_error)
+        else:
+            outcome = self._attempts(task, call, args_blob, flow)
+        self._record_outcome(task, outcome)
+        return self._reply(task, outcome)
+
+    def _new_task(self, call: CallTask) -> TaskRecord:
+        meta = self.tasks_meta.get(call.key, {})
+        task = TaskRecord(
+            index=len(self.run.tasks), name=call.name,
+            description=meta.get("description", ""),
+            estimated_time=int(meta.get("estimated_time") or 1000),
+            crucial_pass=bool(meta.get("crucial_pass", True)),
+            state="RUNNING", started_at=time.time(),
+        )
+        self.run.tasks.append(task)
+        return task
+
+    def _attempts(self, task: TaskRecord, call: CallTask, args_blob: bytes,
+                  flow: ChildProcess) -> Outcome:
+        meta = self.tasks_meta.get(call.key, {})
+        retries = meta.get("retries") or self.options.retries
+        delay = meta.get("retry_delay") or self.options.retry_delay
+        started = time.monotonic()
+        for attempt in range(1, retries + 2):
+            task.attempts = attempt
+            outcome = self._attempt(task, call, args_blob, meta, attempt, started)
+            if outcome.passed or attempt > retries or self.cancel_reason() or not flow.running:
+                return outcome
+            task.state, task.note = "RETRYING", f"attempt {attempt} failed: {outcome.note()}"
+            self.listener.task_retrying(self.run, task)
+            self.log(f"Task '{task.name}' will be retried: {task.note}", "warning")
+            self._pause(delay)
+            task.state = "RUNNING"
+        return outcome
+
+    def _attempt(self, task: TaskRecord, call: CallTask, args_blob: bytes, meta: dict[str, Any],
+                 attempt: int, started: float) -> Outcome:
+        limits = TaskLimits(
+            timeout=meta.get("timeout") if meta.get("timeout") is not None
+            else self.options.task_timeout,
+            memory_limit=meta.get("memory_limit") or self.options.memory_limit,
+            kill_grace=self.options.kill_grace, max_result=self.options.max_result,
+        )
+
+        def tick(reported: float | None) -> None:
+            elapsed_ms = (time.monotonic() - started) * 1000
+            estimate = reported if reported is not None else elapsed_ms / task.estimated_time * 100
+            task.progress = int(min(99, max(0, estimate)))
+            self.listener.task_progress(self.run, task)
+
+        supervisor = TaskSupervisor(
+            self.launcher, self.loop, self._child_config("task"), limits,
+            lambda stream, lines: self.listener.task_output(self.run, task, stream, lines),
+            tick, self.options.progress_interval, self.cancel_reason,
+        )
+        request = RunTask(key=call.key, name=call.name, index=task.index, attempt=attempt,
+                          max_result=self.options.max_result)
+        return supervisor.run(request, args_blob)
+
+    def _pause(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not self.cancel_reason():
+            self.loop.poll(end - time.monotonic())
+
+    def _record_outcome(self, task: TaskRecord, outcome: Outcome) -> None:
+        task.ended_at = time.time()
+        task.duration_ms = int((task.ended_at - (task.started_at or task.ended_at)) * 1000)
+        task.peak_rss = outcome.peak_rss or None
+        task.note = outcome.note()
+        task.table = outcome.table
+        task.passed = outcome.passed
+        task.state = "COMPLETED" if outcome.passed else "FAILED"
+        task.progress = 100 if outcome.passed else task.progress
+        if self._cancel and self._cancel[0] is Kind.CANCELLED:
+            return  # the backend no longer wants this run: report nothing more
+        if not outcome.passed:
+            level = "error" if task.crucial_pass else "warning"
+            kind = "crucial" if task.crucial_pass else "non-crucial"
+            self.log(f"Task '{task.name}' ({kind}) failed: {task.note}", level)
+            self._crucial_failed = self._crucial_failed or task.crucial_pass
+        self.listener.task_finished(self.run, task)
+
+    def _reply(self, task: TaskRecord, outcome: Outcome) -> tuple[TaskReply, bytes]:
+        name = task.name
+        if outcome.kind is Kind.COMPLETED:
+            return TaskReply(action="return", task_name=name), outcome.blob
+        if outcome.kind is Kind.NOT_PASSED and not task.crucial_pass:
+            return TaskReply(action="return", task_name=name), outcome.blob
+        if not task.crucial_pass:
+            return TaskReply(action="return_none", task_name=name), b""
+        if outcome.kind is Kind.RAISED and outcome.blob:
+            return TaskReply(action="raise", task_name=name, note=task.note), outcome.blob
+        return TaskReply(action="fail", task_name=name, note=task.note), b""
+
+    # --- end of the flow --------------------------------------------------
+
+    def _flow_ended(self, message: object) -> None:
+        if isinstance(message, FlowFinished):
+            return
+        if isinstance(message, FlowRaised):
+            if self._crucial_failed:
+                return  # the crucial task's own failure, passing through the body
+            self.log(f"Flow body raised:\n{message.traceback.rstrip()}", "error")
+            self._fail_flow(f"flow body raised {message.exc_type}: {message.message}")
+        else:
+            self._fail_flow(f"flow process sent an unexpected {message.TYPE} frame")
+
+    def _flow_died(self, flow: ChildProcess) -> None:
+        info = flow.exit
+        if flow.protocol_error:
+            why = f"flow process broke the runner protocol: {flow.protocol_error}"
+        elif info and info.signal:
+            why = f"flow process crashed: {describe_signal(info.signal)}"
+        else:
+            code = info.code if info else None
+            why = f"flow process exited with code {code} before the flow finished"
+        if flow.stderr_tail:
+            why += "; last stderr: " + " | ".join(list(flow.stderr_tail)[-3:])
+        self._fail_flow(why)
+
+    def _on_cancelled(self) -> None:
+        kind, reason = self._cancel or (Kind.CANCELLED, "")
+        if kind is Kind.TIMED_OUT:
+            self._fail_flow(f"flow timed out after {reason} s")
+        elif kind is Kind.WORKER_STOPPED:
+            self._fail_flow("worker stopped")
+        else:
+            self.run.note = f"cancelled: {reason}"
+            self._crucial_failed = True
+
+    def _fail_flow(self, note: str) -> None:
+        """Report a failure of the flow itself as one more crucial task."""
+        self.run.note = note
+        if self._crucial_failed:
+            return
+        task = TaskRecord(index=len(self.run.tasks), name=FLOW_TASK_NAME, state="RUNNING",
+                          started_at=time.time(), crucial_pass=True)
+        self.run.tasks.append(task)
+        self.listener.task_started(self.run, task)
+        self._record_outcome(task, Outcome(Kind.UNSENDABLE, detail=note))
+
+    def _finish(self) -> RunRecord:
+        self.run.ended_at = time.time()
+        failed = any(t.state == "FAILED" and t.crucial_pass for t in self.run.tasks)
+        self.run.state = "FAILED" if failed or self._cancel else "COMPLETED"
+        duration = self.run.ended_at - (self.run.started_at or self.run.ended_at)
+        if self._cancel is None or self._cancel[0] is not Kind.CANCELLED:
+            verdict = "finished" if self.run.state == "COMPLETED" else "FAILED"
+            self.log(f"Flow {verdict}: {self.run.flow_name} ({len(self.run.tasks)} tasks, "
+                     f"{duration:.1f} s)", "info" if self.run.state == "COMPLETED" else "error")
+        self.listener.run_finished(self.run)
+        return self.run
+
+    # --- helpers ----------------------------------------------------------
+
+    def log(self, line: str, level: str = "info") -> None:
+        self.listener.runner_log(self.run, line, level)
+
+    def _flow_output(self, stream: str, lines: list[str]) -> None:
+        self.listener.task_output(self.run, None, stream, lines)
+
+    def _child_config(self, role: str) -> ChildConfig:
+        return ChildConfig(role=role, parent_pid=0, env=self.options.child_env,
+                           cwd=self.options.task_cwd, rlimits=dict(self.options.rlimits))

@@ -1,0 +1,21 @@
+"""Worker-wide settings that shape every run (defaults for task options, limits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_MAX_RESULT = 64 * 1024 * 1024
+
+
+@dataclass
+class RunOptions:
+    task_timeout: float | None = None
+    memory_limit: int | None = None
+    retries: int = 0
+    retry_delay: float = 0.0
+    kill_grace: float = 2.0
+    progress_interval: float = 0.5
+    max_result: int = DEFAULT_MAX_RESULT
+    child_env: dict[str, str] | None = None  # None: inherit the launcher's environment
+    task_cwd: str | None = None
+    rlimits: dict[str, int] = field(default_factory=lambda: {"core": 0})

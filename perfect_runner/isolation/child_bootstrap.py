@@ -1,0 +1,154 @@
+"""The first moments of a flow or task process, in a fixed order.
+
+Whatever the start method (forked from the fork server, or a fresh
+interpreter), a child runs `become_child` and never returns from it:
+
+1. last-chance stderr: bootstrap errors go straight to the stderr pipe;
+2. reset signal dispositions inherited from the fork server;
+3. its own session and process group, so its whole tree can be signalled;
+4. parent-death signal, so it never outlives the runner;
+5. the pipes onto fds 1 and 2, /dev/null onto fd 0;
+6. close every other inherited fd but the channel;
+7. run the role, then leave through `os._exit` (no atexit, no flushing of
+   buffers inherited from the fork server).
+
+Exit codes at or above `EXIT_BOOTSTRAP` are reserved for failures of the
+runner's own code, so the supervisor can tell them from a task's `os._exit`.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import io
+import os
+import resource
+import signal
+import socket
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from .oskit import die_with_parent
+
+EXIT_BOOTSTRAP = 120  # the runner's child code failed before or after the task
+EXIT_CHANNEL_LOST = 121  # the control process went away mid-conversation
+
+STACK_DUMP_SIGNAL = signal.SIGUSR1
+SOFT_STOP_SIGNAL = signal.SIGUSR2
+
+
+@dataclass
+class ChildConfig:
+    """How to set up one child; crosses the process boundary as JSON."""
+
+    role: str  # "task" or "flow"
+    parent_pid: int
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    rlimits: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def become_child(config: ChildConfig, out_fd: int, err_fd: int, chan_fd: int) -> None:
+    """Set up the process and run its role; never returns."""
+    code = EXIT_BOOTSTRAP
+    report_fd = err_fd
+    try:
+        _reset_signals()
+        os.setsid()
+        die_with_parent(config.parent_pid)
+        chan_fd = _wire_fds(out_fd, err_fd, chan_fd)
+        report_fd = 2
+        _apply_limits(config)
+        code = _run_role(config.role, socket.socket(fileno=chan_fd))
+    except BaseException:  # noqa: BLE001 - last chance: say what broke, exit reserved
+        _last_chance_report(report_fd)
+    finally:
+        _flush_std()
+        os._exit(code)
+
+
+def _reset_signals() -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _wire_fds(out_fd: int, err_fd: int, chan_fd: int) -> int:
+    """Put the pipes on 1/2 and /dev/null on 0; close all else; return the channel fd."""
+    _flush_std()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    # Move the channel to fd 3 so one closerange clears everything else.
+    if chan_fd != 3:
+        os.dup2(chan_fd, 3)
+    os.set_inheritable(3, False)
+    os.closerange(4, _max_fd())
+    sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
+    sys.stdout = _text_stream(1)
+    sys.stderr = _text_stream(2)
+    sys.__stdout__, sys.__stderr__ = sys.stdout, sys.stderr
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+    faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+    return 3
+
+
+def _text_stream(fd: int) -> io.TextIOWrapper:
+    # Line buffered so the user sees lines live and a crash loses at most a partial line.
+    return io.TextIOWrapper(
+        io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+        line_buffering=True,
+    )
+
+
+def _max_fd() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 65536
+
+
+def _apply_limits(config: ChildConfig) -> None:
+    if config.env is not None:
+        os.environ.clear()
+        os.environ.update(config.env)
+    if config.cwd:
+        os.chdir(config.cwd)
+    for name, value in config.rlimits.items():
+        limit = getattr(resource, f"RLIMIT_{name.upper()}")
+        _, hard = resource.getrlimit(limit)
+        capped = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(limit, (capped, capped))
+
+
+def _run_role(role: str, chan: socket.socket) -> int:
+    if role == "task":
+        from .task_child import run_task
+
+        return run_task(chan)
+    if role == "flow":
+        from .flow_child import run_flow
+
+        return run_flow(chan)
+    raise ValueError(f"unknown child role {role!r}")
+
+
+def _last_chance_report(fd: int) -> None:
+    try:
+        text = "perfect_runner: child bootstrap failed:\n" + traceback.format_exc()
+        os.write(fd, text.encode(errors="replace"))
+    except OSError:
+        pass
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or replaced stream: nothing to flush
+            pass

@@ -1,0 +1,110 @@
+"""Child side of the flow channel: run the flow body, ship each task call out.
+
+The flow body runs here, never in the control process. Each task call becomes
+a CallTask frame; the reply says what the call evaluates to (see
+`protocol.TaskReply`). Only this process unpickles task results.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import sys
+import threading
+import traceback
+from typing import Any
+
+from tblib import pickling_support
+
+from ..sdk import runtime
+from ..sdk.errors import TaskFailed
+from ..sdk.registry import TaskDefinition, get_registry
+from .protocol import (
+    CallTask,
+    FlowFinished,
+    FlowRaised,
+    StartFlow,
+    TaskReply,
+    recv_message,
+    send_message,
+)
+
+
+class FlowRuntime:
+    """Installed while the flow body runs: each task call goes to the control process."""
+
+    def __init__(self, chan: socket.socket) -> None:
+        self._chan = chan
+        # Task calls from several threads of a flow body run one at a time.
+        self._lock = threading.Lock()
+
+    def call_task(self, task: TaskDefinition, args: tuple, kwargs: dict) -> Any:
+        with self._lock:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            self._send_call(task, args, kwargs)
+            reply, blob = recv_message(self._chan)
+        if not isinstance(reply, TaskReply):
+            raise TypeError(f"expected task_reply, got {reply.TYPE}")
+        return _evaluate(reply, blob)
+
+    def report_progress(self, percent: float) -> None:
+        pass  # progress belongs to tasks, not to the flow body
+
+    def _send_call(self, task: TaskDefinition, args: tuple, kwargs: dict) -> None:
+        try:
+            blob = pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - name the argument type, not pickle internals
+            bad = _unpicklable_part(args, kwargs)
+            note = (f"arguments of task {task.name!r} could not be pickled: "
+                    f"{bad} ({type(exc).__name__}: {exc})")
+            send_message(self._chan, CallTask(key=task.key, name=task.name, args_error=note))
+            return
+        send_message(self._chan, CallTask(key=task.key, name=task.name), blob)
+
+
+def _evaluate(reply: TaskReply, blob: bytes) -> Any:
+    if reply.action == "return":
+        return pickle.loads(blob)
+    if reply.action == "return_none":
+        return None
+    if reply.action == "raise" and blob:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:  # noqa: BLE001 - fall back to the note
+            exc = None
+        if isinstance(exc, BaseException):
+            raise exc
+    raise TaskFailed(reply.task_name, reply.note)
+
+
+def _unpicklable_part(args: tuple, kwargs: dict) -> str:
+    for position, value in [*enumerate(args), *kwargs.items()]:
+        try:
+            pickle.dumps(value)
+        except Exception:  # noqa: BLE001
+            return f"argument {position!r} of type {type(value).__name__}"
+    return "the arguments"
+
+
+def run_flow(chan: socket.socket) -> int:
+    pickling_support.install()
+    start, _ = recv_message(chan)
+    if not isinstance(start, StartFlow):
+        raise TypeError(f"expected start_flow, got {start.TYPE}")
+    definition = get_registry().flows[start.flow_name]
+    runtime.install(FlowRuntime(chan))
+    try:
+        definition.func()
+    except BaseException as exc:  # noqa: BLE001 - the flow body's failure is reported, not raised
+        outcome: FlowFinished | FlowRaised = FlowRaised(
+            exc_type=type(exc).__name__, message=str(exc)[:4000],
+            traceback="".join(traceback.format_exception(exc))[-20000:])
+    else:
+        outcome = FlowFinished()
+    finally:
+        runtime.install(None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    send_message(chan, outcome)
+    return 0

@@ -1,0 +1,163 @@
+"""The fork server: a small process with the flows modules preloaded.
+
+Started by the control process as `python -m perfect_runner.isolation.forkserver`.
+It imports the user's modules once (reporting a failure loudly, never silently),
+writes their description as JSON on the metadata fd, then forks a flow or task
+process for every spawn request. Forking this small process costs about a
+millisecond, and no child re-imports user code.
+
+Control socket (SOCK_SEQPACKET, one JSON object per packet):
+
+    control -> server  {"op": "spawn", "id": n, "config": ChildConfig}
+                       with fds [stdout_w, stderr_w, channel] attached
+    server -> control  {"op": "spawned", "id": n, "pid": p} with [pidfd] attached
+                       {"op": "spawn_failed", "id": n, "error": "..."}
+                       {"op": "exited", "pid": p, "status": raw, "maxrss": bytes}
+
+The server is a child subreaper: grandchildren that double-fork out of a task
+are reparented here, reaped here, and never escape to init. It dies with the
+control process (parent-death signal) and kills every child it started when
+the control socket closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+
+from .child_bootstrap import ChildConfig, become_child
+from .loader import ModuleLoadError, describe, load_modules
+from .oskit import become_subreaper, close_quietly, die_with_parent, signal_group
+
+MAX_PACKET = 65536
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    die_with_parent(args.parent_pid)
+    become_subreaper()
+    sys.path[:0] = [p for p in json.loads(args.sys_path) if p not in sys.path]
+    with os.fdopen(args.meta_fd, "w", encoding="utf-8") as meta:
+        try:
+            load_modules(json.loads(args.modules))
+            json.dump({"ok": True, **describe()}, meta)
+        except ModuleLoadError as exc:
+            json.dump({"ok": False, "error": str(exc)}, meta)
+            return 3
+    if args.describe_only:
+        return 0
+    _flush_std()
+    ForkServer(socket.socket(fileno=args.control_fd)).serve()
+    return 0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="perfect_runner.isolation.forkserver")
+    parser.add_argument("--modules", required=True)
+    parser.add_argument("--sys-path", default="[]")
+    parser.add_argument("--meta-fd", type=int, required=True)
+    parser.add_argument("--control-fd", type=int, default=-1)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--describe-only", action="store_true")
+    return parser.parse_args(argv)
+
+
+class ForkServer:
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.children: set[int] = set()
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self.wake_w)
+        # The control process handles Ctrl-C; a terminal's SIGINT must not kill us first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def serve(self) -> None:
+        self.selector.register(self.control, selectors.EVENT_READ, self._on_request)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_sigchld)
+        try:
+            while True:
+                for key, _ in self.selector.select():
+                    if key.data() is False:
+                        return
+        finally:
+            self._kill_children()
+
+    def _on_request(self) -> bool:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.control, MAX_PACKET, 3)
+        except ConnectionResetError:
+            return False
+        if not data:
+            return False
+        request = json.loads(data)
+        if request.get("op") == "spawn" and len(fds) == 3:
+            self._spawn(request, fds)
+        else:
+            for fd in fds:
+                close_quietly(fd)
+        return True
+
+    def _spawn(self, request: dict, fds: list[int]) -> None:
+        config = ChildConfig(**{**request["config"], "parent_pid": os.getpid()})
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in fds:
+                close_quietly(fd)
+            self._send({"op": "spawn_failed", "id": request["id"], "error": str(exc)})
+            return
+        if pid == 0:
+            self.control.close()
+            become_child(config, *fds)
+        for fd in fds:
+            close_quietly(fd)
+        self.children.add(pid)
+        pidfd = os.pidfd_open(pid)
+        try:
+            self._send({"op": "spawned", "id": request["id"], "pid": pid}, [pidfd])
+        finally:
+            os.close(pidfd)
+
+    def _on_sigchld(self) -> bool:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return True
+            if pid == 0:
+                return True
+            if pid in self.children:
+                self.children.discard(pid)
+                maxrss = usage.ru_maxrss * 1024
+                self._send({"op": "exited", "pid": pid, "status": status, "maxrss": maxrss})
+
+    def _send(self, message: dict, fds: list[int] | None = None) -> None:
+        try:
+            socket.send_fds(self.control, [json.dumps(message).encode()], fds or [])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the control process is gone; the loop ends at its EOF
+
+    def _kill_children(self) -> None:
+        for pid in list(self.children):
+            signal_group(pid, signal.SIGKILL)
+
+
+def _flush_std() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Import the user's flows modules and describe them as JSON.
+
+Runs only in child processes (the fork server, or a spawned child): the control
+process never imports user code. It learns what the modules define from
+`describe()`'s JSON.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+import textwrap
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..sdk.registry import FlowDefinition, TaskDefinition, WorkflowRegistry, get_registry
+
+
+class ModuleLoadError(Exception):
+    """One line naming the module and what went wrong while importing it."""
+
+
+def load_modules(specs: list[str]) -> list[ModuleType]:
+    """Import each spec: a dotted module name or a path to a .py file."""
+    return [_load_one(spec) for spec in specs]
+
+
+def _load_one(spec: str) -> ModuleType:
+    try:
+        if spec.endswith(".py") or os.sep in spec:
+            return _load_path(Path(spec))
+        return importlib.import_module(spec)
+    except ModuleLoadError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a user module may raise anything
+        raise ModuleLoadError(_import_failure(spec, exc)) from None
+
+
+def _load_path(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise ModuleLoadError(f"cannot import flows module {str(path)!r}: no such file")
+    path = path.resolve()
+    # Sibling imports in the user's file should work as they do with `python file.py`.
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    name = path.stem
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ModuleLoadError(f"cannot import flows module {str(path)!r}: not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _import_failure(spec: str, exc: BaseException) -> str:
+    if isinstance(exc, ModuleNotFoundError) and exc.name and spec.startswith(exc.name):
+        return f"cannot import flows module {spec!r}: no module named {exc.name!r}"
+    where = ""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        where = f" (at {Path(last.filename).name}:{last.lineno})"
+    return f"cannot import flows module {spec!r}: {type(exc).__name__}: {exc}{where}"
+
+
+def describe(registry: WorkflowRegistry | None = None) -> dict[str, Any]:
+    """Every flow (with its task keys in call order) and every task's options."""
+    registry = registry or get_registry()
+    return {
+        "flows": [_describe_flow(f, registry) for f in registry.get_flows()],
+        "tasks": {t.key: t.options() for t in registry.get_tasks()},
+    }
+
+
+def _describe_flow(flow: FlowDefinition, registry: WorkflowRegistry) -> dict[str, Any]:
+    tasks = tasks_in_call_order(flow, registry)
+    flow.tasks = tasks
+    return {
+        "name": flow.name,
+        "description": flow.description,
+        "tags": flow.tags,
+        "timeout": flow.timeout,
+        "auto_trigger": flow.auto_trigger,
+        "auto_trigger_config": flow.auto_trigger_config,
+        "tasks": [t.key for t in tasks],
+    }
+
+
+def tasks_in_call_order(flow: FlowDefinition, registry: WorkflowRegistry) -> list[TaskDefinition]:
+    """The registered tasks the flow body calls, in source order, each listed once.
+
+    Nested calls count innermost first (`load(clean(extract()))` lists extract,
+    clean, load), which is the order they run in.
+    """
+    try:
+        source = textwrap.dedent(inspect.getsource(flow.func))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError):
+        return []
+    names = _CallOrder()
+    names.visit(tree)
+    scope = {**getattr(flow.func, "__globals__", {}), **_closure_vars(flow.func)}
+    ordered: dict[str, TaskDefinition] = {}
+    for name in names.calls:
+        definition = registry.task_for(_resolve(name, scope))
+        if definition is not None and definition.key not in ordered:
+            ordered[definition.key] = definition
+    return list(ordered.values())
+
+
+class _CallOrder(ast.NodeVisitor):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._depth = 0
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+        # Only the flow function's own body: nested defs are not calls.
+        self._depth += 1
+        if self._depth == 1:
+            self.generic_visit(node)
+        self._depth -= 1
+
+    visit_AsyncFunctionDef = visit_FunctionDef  # type: ignore[assignment]
+
+    def visit_Call(self, node: ast.Call) -> None:
+        for arg in [*node.args, *(k.value for k in node.keywords)]:
+            self.visit(arg)
+        dotted = _dotted(node.func)
+        if dotted:
+            self.calls.append(dotted)
+        else:
+            self.visit(node.func)
+
+
+def _dotted(node: ast.expr) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return f"{base}.{node.attr}" if base else None
+    return None
+
+
+def _resolve(dotted: str, scope: dict[str, Any]) -> Any:
+    head, *rest = dotted.split(".")
+    value = scope.get(head)
+    for attr in rest:
+        value = getattr(value, attr, None)
+    return value
+
+
+def _closure_vars(func: Any) -> dict[str, Any]:
+    try:
+        return dict(inspect.getclosurevars(func).nonlocals)
+    except (TypeError, ValueError):
+        return {}

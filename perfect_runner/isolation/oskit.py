@@ -1,0 +1,62 @@
+"""Small, errno-precise helpers around Linux process primitives."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option: int, value: int) -> bool:
+    return _libc.prctl(option, value, 0, 0, 0) == 0
+
+
+def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
+    """Get `sig` when the parent dies; exit now if it already did."""
+    _prctl(PR_SET_PDEATHSIG, sig)
+    # The parent may have died between fork and prctl: then we were reparented.
+    if os.getppid() != expected_parent:
+        os._exit(1)
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants get reparented to us instead of init, so none escape."""
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def signal_process(pid: int, sig: int) -> bool:
+    """Send `sig`; False when the process is already gone ("no such process")."""
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError as exc:
+        # A group member under another uid (setuid helper): signal what we can.
+        if exc.errno == errno.EPERM:
+            return False
+        raise
+
+
+def close_quietly(fd: int | None) -> None:
+    if fd is None or fd < 0:
+        return
+    try:
+        os.close(fd)
+    except OSError as exc:
+        if exc.errno != errno.EBADF:
+            raise

@@ -1,0 +1,56 @@
+"""A task's process tree: measure it, and kill all of it.
+
+The tree is the task process, its process group, and every descendant found
+by walking /proc (descendants that called setsid left the group but are still
+descendants). Errors mean "already gone" and are treated as such.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+
+from .oskit import signal_group, signal_process
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return []
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of the process and all its descendants, in bytes."""
+    total = 0
+    try:
+        root = psutil.Process(pid)
+        members = [root, *root.children(recursive=True)]
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return 0
+    for member in members:
+        try:
+            total += member.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def kill_tree(pid: int, known: list[psutil.Process] | None = None) -> None:
+    """SIGKILL the process, its group, and its descendants (found now or earlier)."""
+    members = {p.pid for p in (known or [])} | {p.pid for p in descendants(pid)}
+    signal_group(pid, signal.SIGKILL)
+    signal_process(pid, signal.SIGKILL)
+    for member in members:
+        signal_process(member, signal.SIGKILL)
+        if _leads_group(member):
+            signal_group(member, signal.SIGKILL)
+
+
+def _leads_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except (ProcessLookupError, PermissionError):
+        return False

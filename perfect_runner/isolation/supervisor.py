@@ -1,0 +1,193 @@
+"""Parent side of one task attempt: start it, watch it, stop it, name its outcome.
+
+The loop waits on the child's pipes, channel and pidfd, waking for a few
+deadlines kept in `Deadlines`: the next progress tick, the next memory sample,
+the task's timeout, and the end of the kill grace. `Deadlines.due` is a pure
+step (no clock, no I/O) so its rules are tested with plain numbers.
+
+At the timeout: the child's Python stacks are dumped into its stderr
+(faulthandler on SIGUSR1), then a soft stop (SIGUSR2 raises TaskTimeout in the
+task so `finally` blocks run), then after the grace SIGKILL to the whole tree.
+Signals the supervisor sent are recorded, so a kill it caused is never reported
+as a crash.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .child_bootstrap import SOFT_STOP_SIGNAL, STACK_DUMP_SIGNAL, ChildConfig
+from .child_process import ChildProcess, OutputHandler
+from .launcher import Launcher, LaunchError
+from .oskit import signal_process
+from .outcome import Kind, Outcome
+from .proctree import kill_tree, tree_rss
+from .protocol import Progress, RunTask, TaskRaised, TaskReturned, TaskUnsendable
+from .selector_loop import SelectorLoop
+
+
+@dataclass
+class TaskLimits:
+    timeout: float | None = None
+    memory_limit: int | None = None
+    kill_grace: float = 2.0
+    memory_sample_interval: float = 0.05
+    max_result: int = 64 * 1024 * 1024
+
+
+@dataclass
+class Deadlines:
+    """Monotonic times at which the supervisor must act; None means never."""
+
+    tick: float | None = None
+    sample: float | None = None
+    timeout: float | None = None
+    kill: float | None = None
+    fired: set[str] = field(default_factory=set)
+
+    def next_wake(self, now: float) -> float | None:
+        times = [t for t in (self.tick, self.sample, self.timeout, self.kill) if t is not None]
+        return max(0.0, min(times) - now) if times else None
+
+    def due(self, now: float) -> list[str]:
+        """Names of the deadlines that have passed; one-shot ones are cleared."""
+        names = [n for n in ("tick", "sample", "timeout", "kill")
+                 if getattr(self, n) is not None and getattr(self, n) <= now]
+        for name in ("timeout", "kill"):
+            if name in names:
+                setattr(self, name, None)
+                self.fired.add(name)
+        return names
+
+
+class TaskSupervisor:
+    """Runs one attempt of one task call to its `Outcome`."""
+
+    def __init__(self, launcher: Launcher, loop: SelectorLoop, config: ChildConfig,
+                 limits: TaskLimits, on_output: OutputHandler,
+                 on_tick: Callable[[float | None], None], tick_interval: float,
+                 cancel_reason: Callable[[], tuple[Kind, str] | None]) -> None:
+        self.launcher = launcher
+        self.loop = loop
+        self.config = config
+        self.limits = limits
+        self.on_output = on_output
+        self.on_tick = on_tick
+        self.tick_interval = tick_interval
+        self.cancel_reason = cancel_reason
+        self.reported_progress: float | None = None
+        self.peak_rss = 0
+        self.forced: tuple[Kind, str] | None = None
+        self.deadlines = Deadlines()
+
+    def run(self, request: RunTask, args_blob: bytes) -> Outcome:
+        try:
+            child = ChildProcess(self.launcher, self.config, self.loop, self.on_output,
+                                 max_blob=self.limits.max_result + 1024 * 1024)
+        except LaunchError as exc:
+            return Outcome(Kind.START_FAILED, detail=str(exc))
+        try:
+            child.send(request, args_blob)
+            self._watch(child)
+            kill_tree(child.pid)  # whatever the task left behind dies with it
+            child.drain()
+            return self._outcome(child)
+        finally:
+            kill_tree(child.pid)
+            child.close()
+
+    def _watch(self, child: ChildProcess) -> None:
+        start = time.monotonic()
+        self.deadlines.tick = start + self.tick_interval
+        if self.limits.memory_limit:
+            self.deadlines.sample = start + self.limits.memory_sample_interval
+        if self.limits.timeout is not None:
+            self.deadlines.timeout = start + self.limits.timeout
+        while child.running:
+            self.loop.poll(self.deadlines.next_wake(time.monotonic()))
+            self._take_frames(child)
+            if child.running:
+                self._act(child, time.monotonic())
+
+    def _act(self, child: ChildProcess, now: float) -> None:
+        for name in self.deadlines.due(now):
+            getattr(self, f"_on_{name}")(child, now)
+        reason = self.cancel_reason()
+        if reason and not self.forced:
+            self.forced = reason
+            kill_tree(child.pid)
+
+    def _on_tick(self, child: ChildProcess, now: float) -> None:
+        self.deadlines.tick = now + self.tick_interval
+        self.on_tick(self.reported_progress)
+
+    def _on_sample(self, child: ChildProcess, now: float) -> None:
+        self.deadlines.sample = now + self.limits.memory_sample_interval
+        rss = tree_rss(child.pid)
+        self.peak_rss = max(self.peak_rss, rss)
+        limit = self.limits.memory_limit
+        if limit and rss > limit and not self.forced:
+            self.forced = (Kind.MEMORY, _mib(limit))
+            kill_tree(child.pid)
+
+    def _on_timeout(self, child: ChildProcess, now: float) -> None:
+        if self.forced:
+            return
+        self.forced = (Kind.TIMED_OUT, f"{self.limits.timeout:.1f}")
+        signal_process(child.pid, STACK_DUMP_SIGNAL)
+        signal_process(child.pid, SOFT_STOP_SIGNAL)
+        self.deadlines.kill = now + self.limits.kill_grace
+
+    def _on_kill(self, child: ChildProcess, now: float) -> None:
+        kill_tree(child.pid)
+
+    def _take_frames(self, child: ChildProcess) -> None:
+        # Progress frames are consumed here; the final frame stays for _outcome.
+        kept = []
+        while child.frames:
+            message, blob = child.frames.popleft()
+            if isinstance(message, Progress):
+                self.reported_progress = float(message.percent)
+            else:
+                kept.append((message, blob))
+        child.frames.extend(kept)
+
+    def _outcome(self, child: ChildProcess) -> Outcome:
+        self._take_frames(child)
+        exit_info = child.exit
+        peak = max(self.peak_rss, exit_info.maxrss if exit_info else 0)
+        outcome = Outcome(Kind.EXITED, exit=exit_info, peak_rss=peak,
+                          last_stderr=list(child.stderr_tail))
+        if self.forced:
+            outcome.kind, outcome.detail = self.forced
+            outcome.killed_after_grace = "kill" in self.deadlines.fired
+            return outcome
+        if child.protocol_error:
+            outcome.kind, outcome.detail = Kind.PROTOCOL, child.protocol_error
+            return outcome
+        if child.frames:
+            return _from_final_frame(outcome, *child.frames[-1])
+        if exit_info and exit_info.signal:
+            outcome.kind = Kind.CRASHED
+        return outcome
+
+
+def _from_final_frame(outcome: Outcome, message: object, blob: bytes) -> Outcome:
+    if isinstance(message, TaskReturned):
+        outcome.summary = message.header()
+        failed = message.is_task_result and not message.passed
+        outcome.kind = Kind.NOT_PASSED if failed else Kind.COMPLETED
+        outcome.blob = blob
+    elif isinstance(message, TaskRaised):
+        outcome.kind, outcome.error, outcome.blob = Kind.RAISED, message.header(), blob
+    elif isinstance(message, TaskUnsendable):
+        outcome.kind, outcome.detail = Kind.UNSENDABLE, message.note
+    else:
+        outcome.kind, outcome.detail = Kind.PROTOCOL, f"unexpected {message.TYPE} frame"
+    return outcome
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024 / 1024:.0f} MiB"

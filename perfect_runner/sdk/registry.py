@@ -1,0 +1,85 @@
+"""Definitions of tasks and flows, and the registry that collects them at import."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TaskDefinition:
+    """A function decorated with @task, with its options."""
+
+    name: str
+    func: Callable[..., Any]
+    key: str
+    description: str = ""
+    weight: int = 1
+    estimated_time: int = 1000
+    crucial_pass: bool = True
+    timeout: float | None = None
+    memory_limit: int | None = None
+    retries: int = 0
+    retry_delay: float = 0.0
+
+    def options(self) -> dict[str, Any]:
+        """The task's metadata as JSON-safe values, for the control process."""
+        return {
+            "key": self.key,
+            "name": self.name,
+            "description": self.description,
+            "weight": self.weight,
+            "estimated_time": self.estimated_time,
+            "crucial_pass": self.crucial_pass,
+            "timeout": self.timeout,
+            "memory_limit": self.memory_limit,
+            "retries": self.retries,
+            "retry_delay": self.retry_delay,
+        }
+
+
+@dataclass
+class FlowDefinition:
+    """A function decorated with @flow."""
+
+    name: str
+    func: Callable[..., Any]
+    description: str = ""
+    tasks: list[TaskDefinition] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    auto_trigger: bool = False
+    auto_trigger_config: str = "development"
+    timeout: float | None = None
+
+
+class WorkflowRegistry:
+    """Every flow and task defined by the modules imported so far."""
+
+    def __init__(self) -> None:
+        self.flows: dict[str, FlowDefinition] = {}
+        self.tasks: dict[str, TaskDefinition] = {}
+
+    def add_task(self, definition: TaskDefinition) -> None:
+        self.tasks[definition.key] = definition
+
+    def add_flow(self, definition: FlowDefinition) -> None:
+        self.flows[definition.name] = definition
+
+    def get_flows(self) -> list[FlowDefinition]:
+        return list(self.flows.values())
+
+    def get_tasks(self) -> list[TaskDefinition]:
+        return list(self.tasks.values())
+
+    def task_for(self, func: Callable[..., Any]) -> TaskDefinition | None:
+        """The definition behind a decorated wrapper, or None for other callables."""
+        definition = getattr(func, "__perfect_task__", None)
+        return definition if isinstance(definition, TaskDefinition) else None
+
+
+_registry = WorkflowRegistry()
+
+
+def get_registry() -> WorkflowRegistry:
+    return _registry

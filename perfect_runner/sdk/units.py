@@ -1,0 +1,46 @@
+"""Parsing of human sizes ("512MB", "1GiB") for memory limits."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: int | float | str | None) -> int | None:
+    """Bytes from an int or a string such as "512MB"; ValueError names what is wrong."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"memory size {value!r} is not a size: use bytes or e.g. '512MB'")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ValueError(f"memory size {value!r} must be positive")
+        return int(value)
+    match = _SIZE.match(str(value))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise ValueError(f"memory size {value!r} is not a size: use bytes or e.g. '512MB', '2GiB'")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"memory size {value!r} must be positive")
+    return size
+
+
+def format_size(size: int | None) -> str:
+    """"512 MiB" for display."""
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            break
+        value /= 1024
+    return f"{value:.0f} {unit}" if value >= 10 or unit == "B" else f"{value:.1f} {unit}"
