@@ -165,6 +165,8 @@ def test_plain_view_prints_one_line_per_event_and_a_summary() -> None:
     view.task_finished(run, run.tasks[0])
     view.task_started(run, run.tasks[1])
     finish(run.tasks[1], "FAILED", note="timed out after 1 s")
+    view.runner_log(run, "Task 'task_1' failed: timed out after 1 s", "warning")
+    view.runner_log(run, "flow body raised\nValueError: bad", "error")
     view.task_finished(run, run.tasks[1])
     run.state, run.ended_at = "FAILED", run.started_at + 3
     view.run_finished(run)
@@ -176,6 +178,8 @@ def test_plain_view_prints_one_line_per_event_and_a_summary() -> None:
         "    #0 task_0 ! slow query",
         "<-- #0 task_0 COMPLETED in 1.5 s: Extracted 1000 rows",
         "--> #1 task_1 started",
+        "!!! ERROR: flow body raised",
+        "        ValueError: bad",
         "<-- #1 task_1 FAILED in 1.5 s: timed out after 1 s",
         "==> Daily Sales ETL: run run-abc123 FAILED in 3.0 s",
         "    #  task    state      duration  note",

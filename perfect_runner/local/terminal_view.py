@@ -45,7 +45,9 @@ MAX_SUMMARY_ROWS = 20
 MAX_CELL_CHARS = 30
 MAX_BLOCK_TASKS = 10
 BAR_WIDTH = 20
-SHOWN_RUNNER_LEVELS = {"warn", "warning", "error", "critical"}
+# Info and warning lines from the runner repeat what the task events already show
+# (the executor logs every task failure at "warning"); they are all in the log file.
+DEFAULT_RUNNER_LEVELS = ("error", "critical")
 
 # CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST), DCS/SOS/PM/APC strings, and
 # two-character escapes such as ESC c (full reset).
@@ -120,11 +122,13 @@ class TerminalView(NullListener):
         max_lines_per_second: int = 100,
         clock: Callable[[], float] = time.monotonic,
         width: int | None = None,
+        runner_levels: Iterable[str] = DEFAULT_RUNNER_LEVELS,
     ) -> None:
         self.stream = sys.stdout if stream is None else stream
         self.live = _is_tty(self.stream) if live is None else live
         self._clock = clock
         self._width = width
+        self._runner_levels = {level.lower() for level in runner_levels}
         self._budget = _LineBudget(max_lines_per_second, clock)
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -147,12 +151,10 @@ class TerminalView(NullListener):
         self._drain()
 
     def runner_log(self, run: RunRecord, line: str, level: str = "info") -> None:
-        if level.lower() not in SHOWN_RUNNER_LEVELS:
-            return  # info lines are in the log file; the terminal keeps to what matters
+        if level.lower() not in self._runner_levels:
+            return
         with self._lock:
-            text = [f"{self._run_tag(run)}!!! {level.upper()}: {line}"
-                    for line in clean_lines(line)]
-            self._add(text)
+            self._add(self._with_note(f"{self._run_tag(run)}!!! {level.upper()}", line))
             self._compose(force=True)
         self._drain()
 
