@@ -1,0 +1,61 @@
+"""`python -m perfect_runner` / `perfect-runner`: local mode or the worker."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from .config import UsageError, parse_args, run_options
+from .executor.engine import FlowExecutor
+from .isolation.launcher import LaunchError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        options = run_options(args)
+    except UsageError as exc:
+        return _usage(str(exc))
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        executor = FlowExecutor(args.flows, args.start_method, options)
+    except LaunchError as exc:
+        return _usage(str(exc))
+    try:
+        return _dispatch(args, executor)
+    except UsageError as exc:
+        return _usage(str(exc))
+    finally:
+        executor.close()
+
+
+def _dispatch(args, executor: FlowExecutor) -> int:
+    if not executor.flows:
+        raise UsageError(f"no flows found in {', '.join(args.flows)}: decorate a function "
+                         "with @flow(name=...)")
+    if args.list:
+        from .local.runner import list_flows
+
+        list_flows(executor)
+        return EXIT_OK
+    names = list(executor.flows) if args.run_all else args.run
+    unknown = [n for n in names if n not in executor.flows]
+    if unknown:
+        raise UsageError(f"unknown flow {unknown[0]!r}: known flows are "
+                         + ", ".join(repr(n) for n in executor.flows))
+    if args.server is None:
+        from .local.runner import run_locally
+
+        records = run_locally(executor, names, args.log_dir, args.reports_dir)
+        return EXIT_OK if all(r.state == "COMPLETED" for r in records) else EXIT_FAILED
+    from .worker import serve
+
+    return serve(args, executor, names)
+
+
+def _usage(message: str) -> int:
+    print(f"perfect-runner: error: {message}", file=sys.stderr)
+    return EXIT_USAGE

@@ -1,0 +1,126 @@
+"""Command-line options; each also readable from a PERFECT_* environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any
+
+from .executor.options import DEFAULT_MAX_RESULT, RunOptions
+from .sdk.units import parse_size
+
+DEFAULT_SERVER = "http://localhost:3000"
+
+
+class UsageError(Exception):
+    """A bad option or environment value; one line, exit code 2."""
+
+
+def _env(name: str, default: Any = None) -> Any:
+    return os.environ.get(f"PERFECT_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="perfect-runner",
+        description="Run Perfect flows with every task in its own isolated process. "
+        "Without --run/--run-all/--list it is a worker serving the backend at --server. "
+        "Every option can also be set as PERFECT_<OPTION> (e.g. PERFECT_CONCURRENCY=2).",
+    )
+    add = p.add_argument
+    add("--flows", action="append", metavar="MODULE", default=None,
+        help="flows module: dotted name or path to a .py file (repeatable) [PERFECT_FLOWS, "
+        "comma-separated]")
+    add("--list", action="store_true", help="list the flows and their tasks, then exit")
+    add("--run", action="append", metavar="FLOW", default=[],
+        help="run this flow (repeatable); local mode unless --server is given")
+    add("--run-all", action="store_true", help="run every flow (local mode unless --server)")
+    add("--server", default=None, metavar="URL",
+        help=f"Perfect backend URL [PERFECT_SERVER_URL, default {DEFAULT_SERVER} in worker mode]")
+    add("--concurrency", type=int, default=int(_env("CONCURRENCY", 1)),
+        help="flow runs at once (default 1)")
+    add("--start-method", choices=("forkserver", "spawn"),
+        default=_env("START_METHOD", "forkserver"),
+        help="how task processes start: forkserver (default; a small fork server with the "
+        "flows modules preloaded) or spawn (a fresh interpreter per process)")
+    add("--task-timeout", type=float, default=_float_env("TASK_TIMEOUT"), metavar="SECONDS",
+        help="default task timeout in seconds (default none)")
+    add("--memory-limit", default=_env("MEMORY_LIMIT"), metavar="SIZE",
+        help="default task memory limit, e.g. 512MB (default none)")
+    add("--retries", type=int, default=int(_env("RETRIES", 0)),
+        help="default retries of a failed task (default 0)")
+    add("--retry-delay", type=float, default=float(_env("RETRY_DELAY", 0)), metavar="SECONDS",
+        help="default pause between attempts (default 0)")
+    add("--kill-grace", type=float, default=float(_env("KILL_GRACE", 2.0)), metavar="SECONDS",
+        help="after a timeout, how long a task may clean up before SIGKILL (default 2)")
+    add("--max-result-size", default=_env("MAX_RESULT_SIZE", str(DEFAULT_MAX_RESULT)),
+        metavar="SIZE", help="largest task result or argument payload (default 64MiB)")
+    add("--progress-interval", type=float, default=float(_env("PROGRESS_INTERVAL", 0.5)),
+        metavar="SECONDS", help="RUNNING updates per task at most this often (default 0.5)")
+    add("--shutdown-grace", type=float, default=float(_env("SHUTDOWN_GRACE", 3.0)),
+        metavar="SECONDS", help="on SIGTERM, time running tasks get to finish (default 3)")
+    add("--log-rate", type=float, default=float(_env("LOG_RATE", 20)),
+        help="log entries per second per run sent one line each; faster output is "
+        "joined into bigger entries (default 20)")
+    add("--max-log-entries", type=int, default=int(_env("MAX_LOG_ENTRIES", 2000)),
+        help="log entries per run sent to the backend; the rest stays in the local "
+        "log file (default 2000)")
+    add("--log-dir", default=_env("LOG_DIR", "perfect-logs"),
+        help="where every run's complete log is written (default ./perfect-logs)")
+    add("--reports-dir", default=_env("REPORTS_DIR", "reports"),
+        help="where local mode writes HTML and JSON reports (default ./reports)")
+    add("--log-level", default=_env("LOG_LEVEL", "INFO"),
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="runner log level (default INFO)")
+    return p
+
+
+def _float_env(name: str) -> float | None:
+    value = _env(name)
+    return float(value) if value not in (None, "") else None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    try:
+        args = build_parser().parse_args(argv)
+    except ValueError as exc:  # a PERFECT_* value that is not a number
+        raise UsageError(f"bad PERFECT_* environment value: {exc}") from None
+    if not args.flows and _env("FLOWS"):
+        args.flows = [m.strip() for m in _env("FLOWS").split(",") if m.strip()]
+    if not args.flows:
+        raise UsageError("no flows module given: pass --flows MODULE (e.g. --flows "
+                         "examples/example_flows.py)")
+    if args.server is None and not (args.run or args.run_all or args.list):
+        args.server = os.environ.get("PERFECT_SERVER_URL", DEFAULT_SERVER)
+    _check(args.concurrency >= 1, "--concurrency must be at least 1")
+    _check(args.retries >= 0, "--retries must be 0 or more")
+    _check(args.progress_interval > 0, "--progress-interval must be positive")
+    return args
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
+        task_timeout=args.task_timeout,
+        memory_limit=_size("--memory-limit", args.memory_limit),
+        retries=args.retries,
+        retry_delay=args.retry_delay,
+        kill_grace=args.kill_grace,
+        progress_interval=args.progress_interval,
+        max_result=_size("--max-result-size", args.max_result_size) or DEFAULT_MAX_RESULT,
+    )
+
+
+def _size(option: str, value: str | None) -> int | None:
+    return _convert(option, value, parse_size)
+
+
+def _convert(option: str, value: Any, convert: Callable[[Any], Any]) -> Any:
+    try:
+        return convert(value)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
