@@ -292,3 +292,22 @@ def test_concurrent_runs_never_interleave_within_a_line() -> None:
     assert len(lines) == 4 * 50 * 20
     for line in lines:
         assert re.fullmatch(r"    \[Daily Sales ETL\] #0 task_0 \| run-\d \d+ \d+", line)
+
+
+def test_one_flooding_task_does_not_silence_the_next_but_the_total_is_capped() -> None:
+    out, clock, run = io.StringIO(), FakeClock(), make_run(tasks=6)
+    view = TerminalView(out, live=False, max_lines_per_second=10, clock=clock)  # 40 in total
+    view.run_started(run)
+    view.task_output(run, run.tasks[0], "stdout", [f"flood {i}" for i in range(500)])
+    view.task_output(run, run.tasks[1], "stdout", ["next task speaks"])
+    for task in run.tasks[2:]:
+        view.task_output(run, task, "stdout", [f"busy {i}" for i in range(10)])
+    clock.now += 1.0
+    view.task_progress(run, run.tasks[5])
+
+    lines = out.getvalue().splitlines()
+    assert "    #1 task_1 | next task speaks" in lines
+    assert len([line for line in lines if " | busy " in line]) == 40 - 10 - 1
+    assert "    #0 task_0 | ... 490 lines not shown (see log file)" in lines
+    assert "    #4 task_4 | ... 1 line not shown (see log file)" in lines
+    assert "    #5 task_5 | ... 10 lines not shown (see log file)" in lines

@@ -7,12 +7,14 @@ Two modes, chosen by whether the stream is a terminal:
   with task output scrolling above it;
 - plain: one line per event, for logs and pipes.
 
-Both modes print task output at no more than ``max_lines_per_second`` lines a
-second across all runs; what is held back is counted and reported as
-"... N lines not shown (see log file)" before that source prints again, when
-its task finishes, or as soon as the rate allows. Nothing is dropped without a
-count. When a run finishes, a summary (tasks, states, durations, notes, result
-tables and the log file's path) is printed.
+Both modes print at most ``max_lines_per_second`` output lines a second per
+source (a task call, or a flow body) and four times that in total, so one
+flooding task neither buries the terminal nor silences the next task. What is
+held back is counted and reported as "... N lines not shown (see log file)"
+when the source may speak again, when its task finishes, or at the next
+progress tick once the rate allows. Nothing is dropped without a count. When a
+run finishes, a summary (tasks, states, durations, notes, result tables and
+the log file's path) is printed.
 
 Task-provided text (output, notes, names, table cells) is untrusted: ANSI
 escape sequences and control characters are stripped before it reaches the
@@ -42,7 +44,7 @@ FRAME_INTERVAL_S = 0.1
 MAX_LINE_CHARS = 1000
 MAX_NOTE_LINES = 20
 MAX_SUMMARY_ROWS = 20
-MAX_CELL_CHARS = 30
+MAX_CELL_CHARS = 40
 MAX_BLOCK_TASKS = 10
 BAR_WIDTH = 20
 # Info and warning lines from the runner repeat what the task events already show
@@ -105,10 +107,40 @@ class _LineBudget:
             self.window_start, self.used = now, 0
         return self.per_second - self.used
 
-    def take(self, wanted: int) -> int:
-        granted = min(wanted, self.available())
-        self.used += granted
+
+
+_Key = tuple[str, int | None]  # (run_id, task index or None for the flow body)
+
+
+class _OutputGate:
+    """How many of a source's lines may be shown now, and how many were held back."""
+
+    def __init__(self, per_source: int, total: int, clock: Callable[[], float]) -> None:
+        self._per_source = per_source
+        self._clock = clock
+        self._total = _LineBudget(total, clock)
+        self._sources: dict[_Key, _LineBudget] = {}
+        self.held: dict[_Key, list[Any]] = {}  # key -> [lines held back, source label]
+
+    def can_show(self, key: _Key) -> bool:
+        source = self._sources.get(key)
+        return (source is None or source.available() > 0) and self._total.available() > 0
+
+    def admit(self, key: _Key, count: int, label: str) -> int:
+        source = self._sources.setdefault(key, _LineBudget(self._per_source, self._clock))
+        granted = min(count, source.available(), self._total.available())
+        source.used += granted
+        self._total.used += granted
+        if granted < count:
+            self.held.setdefault(key, [0, label])[0] += count - granted
         return granted
+
+    def reportable(self) -> list[_Key]:
+        """Sources with lines held back that may speak again."""
+        return [key for key in self.held if self.can_show(key)]
+
+    def forget(self, key: _Key) -> None:
+        self._sources.pop(key, None)
 
 
 class TerminalView(NullListener):
@@ -119,7 +151,7 @@ class TerminalView(NullListener):
         stream: TextIO | None = None,
         live: bool | None = None,
         *,
-        max_lines_per_second: int = 100,
+        max_lines_per_second: int = 50,
         clock: Callable[[], float] = time.monotonic,
         width: int | None = None,
         runner_levels: Iterable[str] = DEFAULT_RUNNER_LEVELS,
@@ -129,12 +161,10 @@ class TerminalView(NullListener):
         self._clock = clock
         self._width = width
         self._runner_levels = {level.lower() for level in runner_levels}
-        self._budget = _LineBudget(max_lines_per_second, clock)
+        self._gate = _OutputGate(max_lines_per_second, 4 * max_lines_per_second, clock)
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._runs: dict[str, RunRecord] = {}
-        # (run_id, task index or None for the flow body) -> [lines held back, label]
-        self._dropped: dict[tuple[str, int | None], list[Any]] = {}
         self._pending: list[str] = []  # lines waiting for the next frame (live mode)
         self._outbox: list[str] = []  # text waiting to be written, in order
         self._block_height = 0
@@ -167,7 +197,7 @@ class TerminalView(NullListener):
 
     def task_progress(self, run: RunRecord, task: TaskRecord) -> None:
         with self._lock:
-            self._report_dropped_if_budget()
+            self._report_held(self._gate.reportable())
             self._compose(force=False)
         self._drain()
 
@@ -175,15 +205,13 @@ class TerminalView(NullListener):
         self, run: RunRecord, task: TaskRecord | None, stream: str, lines: list[str]
     ) -> None:
         with self._lock:
-            shown = self._budget.take(len(lines))
-            if shown:
-                self._report_dropped(self._dropped)
-            if shown < len(lines):
-                key = (run.run_id, None if task is None else task.index)
-                entry = self._dropped.setdefault(key, [0, self._source(run, task)])
-                entry[0] += len(lines) - shown
+            key = (run.run_id, None if task is None else task.index)
+            source = self._source(run, task)
+            if self._gate.can_show(key):
+                self._report_held([key])  # the count comes before the lines that follow it
+            shown = self._gate.admit(key, len(lines), source)
             mark = "|" if stream == "stdout" else "!"
-            prefix = f"    {self._source(run, task)} {mark} "
+            prefix = f"    {source} {mark} "
             self._add(prefix + _clip(clean_text(line), MAX_LINE_CHARS) for line in lines[:shown])
             self._compose(force=False)
         self._drain()
@@ -197,8 +225,8 @@ class TerminalView(NullListener):
 
     def task_finished(self, run: RunRecord, task: TaskRecord) -> None:
         with self._lock:
-            self._report_dropped({k: v for k, v in self._dropped.items()
-                                  if k == (run.run_id, task.index)})
+            self._report_held([(run.run_id, task.index)])
+            self._gate.forget((run.run_id, task.index))
             # Live, the block shows completions; a failure's note is worth keeping above it.
             if not self.live or task.state != "COMPLETED":
                 head = (f"{self._run_tag(run)}<-- {self._label(task)} {task.state} "
@@ -209,7 +237,8 @@ class TerminalView(NullListener):
 
     def run_finished(self, run: RunRecord) -> None:
         with self._lock:
-            self._report_dropped({k: v for k, v in self._dropped.items() if k[0] == run.run_id})
+            self._report_held([key for key in self._gate.held if key[0] == run.run_id])
+            self._gate.forget((run.run_id, None))
             self._runs.pop(run.run_id, None)
             self._add(summary_lines(run))
             self._compose(force=True)
@@ -246,17 +275,15 @@ class TerminalView(NullListener):
 
     # --- held-back output -------------------------------------------------------------
 
-    def _report_dropped(self, entries: dict[tuple[str, int | None], list[Any]]) -> None:
-        for key, (count, source) in list(entries.items()):
+    def _report_held(self, keys: Iterable[_Key]) -> None:
+        for key in keys:
+            if key not in self._gate.held:
+                continue
+            count, source = self._gate.held.pop(key)
             run = self._runs.get(key[0])
             where = f"see log file {run.log_path}" if run and run.log_path else "see log file"
-            self._add([f"    {source} | ... {count:,} lines not shown ({where})"])
-            del self._dropped[key]
-
-    def _report_dropped_if_budget(self) -> None:
-        # A source that went quiet gets its count as soon as the rate allows again.
-        if self._dropped and self._budget.available() > 0:
-            self._report_dropped(self._dropped)
+            lines = "line" if count == 1 else "lines"
+            self._add([f"    {source} | ... {count:,} {lines} not shown ({where})"])
 
     # --- composing and writing ----------------------------------------------------
 
