@@ -1,0 +1,896 @@
+"""A faithful fake of the Perfect backend, over real HTTP on 127.0.0.1.
+
+It implements every endpoint of /work/shared/perfect-api.md with the same
+status codes, bodies and quirks (library entries consumed by runs, 404 for a
+finished task, a run poisoned by an update without `state`, one global
+heartbeat timestamp and its watchdog, the long poll handed to the oldest
+waiter...). Tests drive it through a small Python API:
+
+    with FakePerfect(poll_hold=2.0) as fake:
+        client = PerfectAPIClient(fake.url)
+        ...
+        fake.wait_for(lambda: fake.run(run_id)["state"] == "COMPLETED")
+        assert [r.path for r in fake.requests] == [...]
+
+Fault injection: `set_delay(pattern, seconds)`, `fail_with(pattern, status,
+count=None)`, `respond_with(...)` for arbitrary answers (redirects, huge
+bodies), `stop()` (connection refused) and `start()` again on the same port,
+which behaves like a server restart: the in-memory execution queue is lost and
+runs left RUNNING are failed, while runs themselves persist (SQLite).
+
+A pattern is a path prefix, or an fnmatch glob when it contains "*".
+Every request is recorded (method, path, parsed JSON body, headers, time,
+status) before it is answered; `wait_for` waits on a condition variable that
+every request and every watchdog action notifies.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import random
+import re
+import select
+import socket
+import string
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+T = TypeVar("T")
+_ABORT = object()  # handler result: close the connection without answering
+_FINAL = ("COMPLETED", "FAILED")
+NOT_FOUND_BODY = {"success": False, "error": "Run or task not found"}
+
+
+@dataclass
+class Recorded:
+    """One request as the fake received it."""
+
+    method: str
+    path: str
+    body: Any
+    headers: dict[str, str]
+    time: float
+    raw: bytes = b""
+    status: int | None = None
+
+
+@dataclass
+class _Rule:
+    pattern: str
+    method: str | None
+    seconds: float = 0.0
+    status: int = 500
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    remaining: int | None = None
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.method is not None and self.method != method:
+            return False
+        if "*" in self.pattern:
+            return fnmatch.fnmatchcase(path, self.pattern)
+        return path.startswith(self.pattern)
+
+
+@dataclass
+class _Waiter:
+    item: bytes | None = None
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # aborted connections during stop() are expected
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like Express
+    fake: FakePerfect
+
+    def setup(self) -> None:
+        super().setup()
+        self.fake._track(self.connection, True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.fake._track(self.connection, False)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.fake._serve(self)
+
+    do_POST = do_PUT = do_DELETE = do_GET
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + "".join(random.choices(string.ascii_lowercase + string.digits, k=7))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class FakePerfect:
+    """The fake backend. Use as a context manager; `.url` is its base URL."""
+
+    def __init__(
+        self,
+        *,
+        poll_hold: float = 30.0,
+        watchdog_timeout: float = 10.0,
+        watchdog_period: float = 1.0,
+        port: int = 0,
+    ) -> None:
+        self.poll_hold = poll_hold
+        self.watchdog_timeout = watchdog_timeout
+        self.watchdog_period = watchdog_period
+        self.port = port
+        self._cond = threading.Condition()  # RLock inside: predicates may re-enter
+        self._flows: list[dict[str, Any]] = []
+        self._runs: dict[str, dict[str, Any]] = {}
+        self._poisoned: set[str] = set()
+        self._sparse: set[str] = set()
+        self._reports: dict[str, dict[str, Any]] = {}
+        self._html_pages: dict[str, str] = {}
+        self._stats: dict[tuple[str, str], list[int]] = {}
+        self._learned: dict[str, list[dict[str, Any]]] = {}
+        self._queue: deque[bytes] = deque()
+        self._waiters: list[_Waiter] = []
+        self._last_hb: float | None = None
+        self._requests: list[Recorded] = []
+        self._delays: list[_Rule] = []
+        self._faults: list[_Rule] = []
+        self._conns: set[socket.socket] = set()
+        self._generation = 0
+        self._server: _Server | None = None
+        self._serve_thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
+        self._closed = threading.Event()
+        self._started_once = False
+        self.watchdog_failures = 0
+        self.crashed = False
+        self.handler_errors: list[str] = []
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def __enter__(self) -> FakePerfect:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> FakePerfect:
+        """Start serving (again, on the same port: a restart loses the queue)."""
+        with self._cond:
+            if self._server is not None:
+                return self
+            if self._started_once:
+                self._restart_effects()
+            handler = type("Handler", (_Handler,), {"fake": self})
+            self._server = _Server(("127.0.0.1", self.port), handler)
+            self.port = self._server.server_address[1]
+            self._started_once = True
+            server = self._server
+        self._serve_thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._serve_thread.start()
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watchdog_loop, daemon=True)
+            self._watchdog.start()
+        return self
+
+    def stop(self) -> None:
+        """Become unreachable: refuse connections, drop open ones and held polls."""
+        with self._cond:
+            server, self._server = self._server, None
+            if server is None:
+                return
+            self._generation += 1
+            self._cond.notify_all()
+            conns = list(self._conns)
+        server.shutdown()
+        server.server_close()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._serve_thread is not None:
+            self._serve_thread.join(5)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        self._closed.set()
+        if self._watchdog is not None:
+            self._watchdog.join(5)
+
+    def _restart_effects(self) -> None:
+        """What a real restart does: memory lost, runs left RUNNING failed."""
+        self._queue.clear()
+        self._waiters.clear()
+        self._last_hb = None
+        for run in self._runs.values():
+            if run["state"] == "RUNNING":
+                self._fail_run(run, "[System] Server restarted; run failed")
+        self._cond.notify_all()
+
+    def _track(self, conn: socket.socket, add: bool) -> None:
+        with self._cond:
+            if add:
+                self._conns.add(conn)
+            else:
+                self._conns.discard(conn)
+
+    # -- test API: inspection ------------------------------------------------
+
+    @property
+    def requests(self) -> list[Recorded]:
+        with self._cond:
+            return list(self._requests)
+
+    def requests_to(self, pattern: str, method: str | None = None) -> list[Recorded]:
+        rule = _Rule(pattern, method)
+        return [r for r in self.requests if rule.matches(r.method, r.path)]
+
+    @property
+    def runs(self) -> dict[str, dict[str, Any]]:
+        with self._cond:
+            return copy.deepcopy(self._runs)
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        with self._cond:
+            return copy.deepcopy(self._runs[run_id])
+
+    def logs(self, run_id: str) -> list[str]:
+        with self._cond:
+            return list(self._runs[run_id]["logs"])
+
+    @property
+    def flows(self) -> list[dict[str, Any]]:
+        with self._cond:
+            return copy.deepcopy(self._flows)
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    @property
+    def waiting_pollers(self) -> int:
+        with self._cond:
+            return len(self._waiters)
+
+    @property
+    def last_heartbeat(self) -> float | None:
+        with self._cond:
+            return self._last_hb
+
+    def is_poisoned(self, run_id: str) -> bool:
+        with self._cond:
+            return run_id in self._poisoned
+
+    def is_sparse(self, run_id: str) -> bool:
+        with self._cond:
+            return run_id in self._sparse
+
+    def wait_for(self, predicate: Callable[[], T], timeout: float = 5.0) -> T:
+        """Wait until `predicate()` is truthy (re-checked on every server event)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                value = predicate()
+                if value:
+                    return value
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"condition not met within {timeout}s")
+                # Capped so predicates over state outside the fake are re-checked too.
+                self._cond.wait(min(remaining, 0.05))
+
+    # -- test API: driving ---------------------------------------------------
+
+    def set_last_heartbeat(self, value: float | None) -> None:
+        """Seed the global heartbeat time (monotonic seconds, or None = never seen)."""
+        with self._cond:
+            self._last_hb = value
+
+    def trigger(self, flow: str, configuration: str = "development") -> str:
+        """The UI's Trigger button: by flow id, or the newest library entry of that name."""
+        with self._cond:
+            entry = self._find_flow(flow)
+            if entry is None:
+                raise KeyError(f"no library entry {flow!r}")
+            run = self._create_run(entry, configuration)
+            self._enqueue(self._request_body(run))
+            return run["id"]
+
+    def queue_raw(self, body: Any) -> None:
+        """Queue an execution request exactly as given (bytes) or JSON-encoded."""
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        with self._cond:
+            self._enqueue(raw)
+
+    def set_delay(self, pattern: str, seconds: float, method: str | None = None) -> None:
+        """Answer matching requests `seconds` late (0 removes the delay)."""
+        with self._cond:
+            self._delays = [d for d in self._delays if (d.pattern, d.method) != (pattern, method)]
+            if seconds > 0:
+                self._delays.append(_Rule(pattern, method, seconds=seconds))
+
+    def fail_with(
+        self, pattern: str, status: int, count: int | None = None, method: str | None = None
+    ) -> None:
+        """Answer the next `count` (None: all) matching requests with `status`."""
+        body = {"success": False, "error": f"injected {status}"}
+        self.respond_with(pattern, status, body, count=count, method=method)
+
+    def respond_with(
+        self,
+        pattern: str,
+        status: int,
+        body: Any = None,
+        *,
+        headers: dict[str, str] | None = None,
+        count: int | None = None,
+        method: str | None = None,
+    ) -> None:
+        """Answer matching requests with a canned response instead of handling them."""
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        rule = _Rule(pattern, method, status=status, body=raw,
+                     headers=dict(headers or {}), remaining=count)
+        with self._cond:
+            self._faults.append(rule)
+
+    def clear_faults(self) -> None:
+        with self._cond:
+            self._faults.clear()
+            self._delays.clear()
+
+    # -- HTTP plumbing -------------------------------------------------------
+
+    def _serve(self, h: _Handler) -> None:
+        try:
+            self._serve_one(h)
+        except OSError:
+            h.close_connection = True
+        except Exception:  # a fake bug must show up in the test, not as a hang-up
+            self.handler_errors.append(traceback.format_exc())
+            self._write(h, 500, {"success": False, "error": "fake server bug"}, {})
+
+    def _serve_one(self, h: _Handler) -> None:
+        with self._cond:
+            generation = self._generation
+        raw = self._read_body(h)
+        split = urlsplit(h.path)
+        rec = Recorded(h.command, split.path, _parse(raw), dict(h.headers.items()),
+                       time.monotonic(), raw)
+        with self._cond:
+            self._requests.append(rec)
+            self._cond.notify_all()
+        if not self._delay(rec, generation):
+            return self._abort(h)
+        status, body, headers = self._answer(h, rec, generation)
+        if body is _ABORT:
+            return self._abort(h)
+        with self._cond:
+            rec.status = status
+            self._cond.notify_all()
+        self._write(h, status, body, headers)
+
+    def _answer(
+        self, h: _Handler, rec: Recorded, generation: int
+    ) -> tuple[int, Any, dict[str, str]]:
+        fault = self._take_fault(rec)
+        if fault is not None:
+            return fault.status, fault.body, fault.headers
+        body = _express_body(h.headers.get("Content-Type", ""), rec.raw)
+        if body is _BAD_JSON:
+            return 400, {"success": False, "error": "Invalid JSON body"}, {}
+        if rec.method == "GET" and rec.path == "/api/execution-requests":
+            return 200, self._poll(h, generation), {}
+        with self._cond:
+            if self._generation != generation:
+                return 0, _ABORT, {}
+            status, answer = self._route(rec, body)
+            self._cond.notify_all()
+            return status, answer, {}
+
+    def _read_body(self, h: _Handler) -> bytes:
+        length = int(h.headers.get("Content-Length") or 0)
+        return h.rfile.read(length) if length else b""
+
+    def _delay(self, rec: Recorded, generation: int) -> bool:
+        """Hold the request for its configured delay; False if the server stopped meanwhile."""
+        with self._cond:
+            rule = next((d for d in self._delays if d.matches(rec.method, rec.path)), None)
+            if rule is None:
+                return True
+            deadline = time.monotonic() + rule.seconds
+            while self._generation == generation:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return True
+                self._cond.wait(remaining)
+            return False
+
+    def _take_fault(self, rec: Recorded) -> _Rule | None:
+        with self._cond:
+            for rule in self._faults:
+                if rule.matches(rec.method, rec.path):
+                    if rule.remaining is not None:
+                        rule.remaining -= 1
+                        if rule.remaining <= 0:
+                            self._faults.remove(rule)
+                    return rule
+        return None
+
+    def _write(self, h: _Handler, status: int, body: Any, headers: dict[str, str]) -> None:
+        if isinstance(body, bytes):
+            data, ctype = body, "application/json; charset=utf-8"
+        elif isinstance(body, _Html):
+            data, ctype = body.text.encode(), "text/html; charset=utf-8"
+        else:
+            data, ctype = json.dumps(body).encode(), "application/json; charset=utf-8"
+        try:
+            h.send_response(status)
+            h.send_header("Content-Type", ctype)
+            h.send_header("Content-Length", str(len(data)))
+            h.send_header("Access-Control-Allow-Origin", "*")
+            for key, value in headers.items():
+                h.send_header(key, value)
+            h.end_headers()
+            h.wfile.write(data)
+            h.wfile.flush()
+        except OSError:
+            h.close_connection = True
+
+    def _abort(self, h: _Handler) -> None:
+        h.close_connection = True
+        try:
+            h.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # -- routing (lock held) -------------------------------------------------
+
+    _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
+        ("POST", re.compile(r"/api/flows"), "_register"),
+        ("GET", re.compile(r"/api/engine/flows"), "_list_flows"),
+        ("POST", re.compile(r"/api/engine/trigger/([^/]+)"), "_trigger"),
+        ("POST", re.compile(r"/api/engine/run/([^/]+)"), "_client_run"),
+        ("POST", re.compile(r"/api/runs/([^/]+)/tasks/([^/]+)/state"), "_state"),
+        ("POST", re.compile(r"/api/flows/([^/]+)/logs"), "_log"),
+        ("POST", re.compile(r"/api/runs/([^/]+)/complete"), "_complete"),
+        ("POST", re.compile(r"/api/heartbeat"), "_heartbeat"),
+        ("GET", re.compile(r"/api/engine/runs"), "_list_runs"),
+        ("GET", re.compile(r"/api/reports/run/([^/]+)"), "_run_report"),
+        ("GET", re.compile(r"/api/reports/flow/([^/]+)"), "_flow_reports"),
+        ("DELETE", re.compile(r"/api/runs/([^/]+)"), "_delete_run"),
+        ("GET", re.compile(r"(/Reports/.+)"), "_report_html"),
+    ]
+
+    def _route(self, rec: Recorded, body: Any) -> tuple[int, Any]:
+        for method, regex, name in self._ROUTES:
+            match = regex.fullmatch(rec.path)
+            if method == rec.method and match:
+                args = [unquote(g) for g in match.groups()]
+                return getattr(self, name)(body, *args)
+        return 404, _Html(f"Cannot {rec.method} {rec.path}")
+
+    def _register(self, body: Any) -> tuple[int, Any]:
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str) \
+                or not isinstance(body.get("tasks"), list):
+            return 400, {"success": False, "error": "Invalid flow definition: name and tasks "
+                                                    "are required"}
+        name = body["name"]
+        entry = {
+            "id": _new_id("flow-"),
+            "name": name,
+            "description": body.get("description", ""),
+            "tags": body.get("tags") or {},
+            "tasks": [self._library_task(name, i, t) for i, t in enumerate(body["tasks"])],
+            "autoTrigger": bool(body.get("autoTrigger", False)),
+            "autoTriggerConfig": body.get("autoTriggerConfig", "development"),
+            "createdAt": _now_ms(),
+        }
+        self._flows.append(entry)
+        result = copy.deepcopy(entry)
+        if entry["autoTrigger"]:
+            run = self._create_run(entry, entry["autoTriggerConfig"])
+            self._enqueue(self._request_body(run))
+        return 200, {"success": True, "flow": result}
+
+    def _library_task(self, flow: str, index: int, task: Any) -> dict[str, Any]:
+        task = task if isinstance(task, dict) else {}
+        name = task.get("name", f"task_{index}")
+        estimate = task.get("estimatedTime") or 1000
+        measured = self._stats.get((flow, name), [])
+        if len(measured) >= 2:
+            estimate = int(sum(measured) / len(measured))
+        return {
+            "id": _new_id("task-"),
+            "name": name,
+            "description": task.get("description", ""),
+            "weight": task.get("weight", 1),
+            "estimatedTime": estimate,
+            "crucialPass": task.get("crucialPass", True) is not False,
+        }
+
+    def _list_flows(self, body: Any) -> tuple[int, Any]:
+        return 200, copy.deepcopy(self._flows)
+
+    def _trigger(self, body: Any, flow_id: str) -> tuple[int, Any]:
+        entry = self._find_flow(flow_id, by_name=False)
+        if entry is None:
+            return 404, {"success": False, "error": "Flow not found"}
+        run = self._create_run(entry, _configuration(body))
+        self._enqueue(self._request_body(run))
+        return 200, {"success": True, "runId": run["id"]}
+
+    def _client_run(self, body: Any, flow_id: str) -> tuple[int, Any]:
+        entry = self._find_flow(flow_id, by_name=False)
+        if entry is None:
+            return 200, {"success": True}  # quirk: no runId, still success
+        run = self._create_run(entry, _configuration(body))
+        return 200, {"success": True, "runId": run["id"]}
+
+    def _state(self, body: Any, run_id: str, index_text: str) -> tuple[int, Any]:
+        run = self._runs.get(run_id)
+        if run is None:
+            return 404, NOT_FOUND_BODY
+        if run_id in self._poisoned:
+            return 400, {"success": False, "error": "Run is corrupted"}
+        body = body if isinstance(body, dict) else {}
+        if "state" not in body or not isinstance(body["state"], str):
+            self._poisoned.add(run_id)  # the real server stored `undefined` here
+            return 400, {"success": False, "error": "state is required"}
+        if not index_text.isdigit():
+            return 404, NOT_FOUND_BODY
+        task = self._task_at(run, int(index_text), body)
+        if task["state"] in _FINAL:
+            return 404, NOT_FOUND_BODY
+        name = body.get("taskName")
+        if isinstance(name, str) and name != task["taskName"]:
+            task["taskName"] = name
+        self._apply_state(run, task, body)
+        return 200, {"success": True}
+
+    def _task_at(self, run: dict[str, Any], index: int, body: dict[str, Any]) -> dict[str, Any]:
+        tasks = run["tasks"]
+        if index > len(tasks):
+            self._sparse.add(run["id"])  # a skipped index corrupts the run
+        while len(tasks) <= index:
+            tasks.append(_run_task({
+                "name": body.get("taskName"),
+                "estimatedTime": body.get("estimatedTime") or 1000,
+                "crucialPass": body.get("crucialPass", True) is not False,
+            }))
+        return tasks[index]
+
+    def _apply_state(self, run: dict[str, Any], task: dict[str, Any], body: dict) -> None:
+        state = body["state"].upper()
+        task["state"] = state
+        if "result" in body:
+            task["result"] = body["result"]
+        if "crucialPass" in body:
+            task["crucialPass"] = body["crucialPass"] is not False
+        if state in ("RUNNING", "RETRYING"):
+            self._running_progress(task, body)
+        elif state == "COMPLETED":
+            task["progress"] = 100
+            task["endTime"] = _now_ms()
+            task["durationMs"] = body.get("durationMs")
+            if isinstance(task["durationMs"], int | float):
+                key = (run["flowName"], task["taskName"])
+                self._stats.setdefault(key, []).append(int(task["durationMs"]))
+        elif state == "FAILED":
+            task["endTime"] = _now_ms()
+            task["durationMs"] = body.get("durationMs")
+            if task["crucialPass"] and run["state"] not in _FINAL:
+                self._end_run(run, "FAILED")
+
+    def _running_progress(self, task: dict[str, Any], body: dict[str, Any]) -> None:
+        now = _now_ms()
+        if task["startTime"] is None:
+            task["startTime"] = now
+        task["runningUpdates"] = task.get("runningUpdates", 0) + 1
+        estimate = task["estimatedTime"] or 0
+        if estimate:
+            task["progress"] = min(99, int((now - task["startTime"]) / estimate * 100))
+        elif isinstance(body.get("progress"), int | float):
+            task["progress"] = body["progress"]
+
+    def _log(self, body: Any, run_id: str) -> tuple[int, Any]:
+        if run_id in self._poisoned:
+            return 400, {"success": False, "error": "Run is corrupted"}
+        if not isinstance(body, dict) or "log" not in body:
+            return 400, {"success": False, "error": "log is required"}
+        run = self._runs.get(run_id)
+        if run is not None:  # unknown runs: accepted and dropped
+            run["logs"].append(body["log"])
+        return 200, {"success": True}
+
+    def _complete(self, body: Any, run_id: str) -> tuple[int, Any]:
+        run = self._runs.get(run_id)
+        if run is None:
+            return 404, {"success": False, "error": "Run not found"}
+        if run_id in self._poisoned:
+            return 400, {"success": False, "error": "Run is corrupted"}
+        if run["state"] == "FAILED":
+            return 200, {"success": True}
+        count = body.get("taskCount") if isinstance(body, dict) else None
+        if isinstance(count, int):
+            del run["tasks"][count:]
+        tasks = run["tasks"]
+        if any(t["state"] not in _FINAL for t in tasks):
+            return 200, {"success": True}  # stays RUNNING
+        crucial_failed = any(t["state"] == "FAILED" and t["crucialPass"] for t in tasks)
+        self._learned[run["flowName"]] = [
+            {"name": t["taskName"], "estimatedTime": t["estimatedTime"],
+             "crucialPass": t["crucialPass"]} for t in tasks
+        ]
+        self._end_run(run, "FAILED" if crucial_failed else "COMPLETED")
+        return 200, {"success": True}
+
+    def _heartbeat(self, body: Any) -> tuple[int, Any]:
+        self._last_hb = time.monotonic()
+        return 200, {"success": True}
+
+    def _list_runs(self, body: Any) -> tuple[int, Any]:
+        return 200, [copy.deepcopy(r) for r in reversed(self._runs.values())]
+
+    def _run_report(self, body: Any, run_id: str) -> tuple[int, Any]:
+        report = self._reports.get(run_id)
+        if report is None:
+            return 404, {"success": False, "error": "Report not found"}
+        return 200, {"success": True, "report": copy.deepcopy(report)}
+
+    def _flow_reports(self, body: Any, flow_name: str) -> tuple[int, Any]:
+        reports = [r for r in self._reports.values() if r["flowName"] == flow_name]
+        return 200, {"success": True, "reports": copy.deepcopy(reports)}
+
+    def _delete_run(self, body: Any, run_id: str) -> tuple[int, Any]:
+        run = self._runs.get(run_id)
+        if run is None:
+            return 404, {"success": False, "error": "Run not found"}
+        if run["state"] not in _FINAL:
+            return 400, {"success": False, "error": "Cannot delete a running run"}
+        del self._runs[run_id]
+        return 200, {"success": True}
+
+    def _report_html(self, body: Any, path: str) -> tuple[int, Any]:
+        html = self._html_pages.get(path)
+        return (200, _Html(html)) if html else (404, _Html(f"Cannot GET {path}"))
+
+    # -- model (lock held) ---------------------------------------------------
+
+    def _find_flow(self, key: str, by_name: bool = True) -> dict[str, Any] | None:
+        for entry in self._flows:
+            if entry["id"] == key:
+                return entry
+        if by_name:
+            for entry in reversed(self._flows):
+                if entry["name"] == key:
+                    return entry
+        return None
+
+    def _create_run(self, entry: dict[str, Any], configuration: str) -> dict[str, Any]:
+        planned = entry["tasks"] or self._learned.get(entry["name"], [])
+        run_id = _new_id("run-")
+        while run_id in self._runs:
+            run_id = _new_id("run-")
+        run = {
+            "id": run_id,
+            "flowId": entry["id"],
+            "flowName": entry["name"],
+            "description": entry.get("description", ""),
+            "tags": copy.deepcopy(entry.get("tags", {})),
+            "configuration": configuration,
+            "state": "RUNNING",
+            "progress": 0,
+            "logs": [],
+            "tasks": [_run_task(t) for t in planned],
+            "startTime": _now_ms(),
+            "endTime": None,
+            "reportPath": None,
+        }
+        self._runs[run_id] = run
+        self._flows.remove(entry)  # quirk: a run consumes its library entry
+        return run
+
+    def _request_body(self, run: dict[str, Any]) -> bytes:
+        body = {"run_id": run["id"], "flow_name": run["flowName"],
+                "configuration": run["configuration"]}
+        return json.dumps(body).encode()
+
+    def _enqueue(self, raw: bytes) -> None:
+        if self._waiters:
+            self._waiters.pop(0).item = raw  # the oldest waiting poller gets it
+        else:
+            self._queue.append(raw)
+        self._cond.notify_all()
+
+    def _poll(self, h: _Handler, generation: int) -> Any:
+        with self._cond:
+            self._last_hb = time.monotonic()  # a poll's arrival counts as a heartbeat
+            if self._queue:
+                return self._queue.popleft()
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+            deadline = time.monotonic() + self.poll_hold
+            while waiter.item is None:
+                remaining = deadline - time.monotonic()
+                if self._generation != generation or _disconnected(h.connection):
+                    self._drop_waiter(waiter)
+                    return _ABORT
+                if remaining <= 0:
+                    self._drop_waiter(waiter)
+                    return b"null"
+                self._cond.wait(min(remaining, 0.05))
+            return waiter.item
+
+    def _drop_waiter(self, waiter: _Waiter) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+
+    def _end_run(self, run: dict[str, Any], state: str) -> None:
+        run["state"] = state
+        run["endTime"] = _now_ms()
+        if state == "COMPLETED":
+            run["progress"] = 100
+        self._write_report(run)
+
+    def _fail_run(self, run: dict[str, Any], line: str) -> None:
+        for task in run["tasks"]:
+            if task["state"] in ("RUNNING", "PENDING"):
+                task["state"] = "FAILED"
+                task["endTime"] = _now_ms()
+        run["logs"].append(line)
+        self._end_run(run, "FAILED")
+
+    def _write_report(self, run: dict[str, Any]) -> None:
+        folder = run["flowName"].replace(" ", "_")
+        url = f"/Reports/{folder}/{run['id']}.html"
+        html = f"<html><body><h1>{run['flowName']}</h1><p>{run['state']}</p></body></html>"
+        self._html_pages[url] = html
+        self._reports[run["id"]] = {
+            "runId": run["id"], "flowName": run["flowName"], "url": url,
+            "path": url.lstrip("/"), "size": len(html), "createdAt": _now_ms(),
+        }
+        run["reportPath"] = url.lstrip("/")
+
+    def _watchdog_loop(self) -> None:
+        while not self._closed.wait(self.watchdog_period):
+            with self._cond:
+                crashed = self._server is not None and self._watchdog_check()
+            if crashed:
+                self.crashed = True
+                self.stop()
+
+    def _watchdog_check(self) -> bool:
+        """Fail stale runs; True when the real server would have crashed instead."""
+        last = self._last_hb
+        if last is None or time.monotonic() - last <= self.watchdog_timeout:
+            return False
+        failed = 0
+        for run in self._runs.values():
+            if run["state"] not in ("RUNNING", "PENDING"):
+                continue
+            if run["id"] in self._poisoned:
+                return True  # its `undefined` state crashes the real watchdog
+            self._fail_run(run, "[System] Connection to client lost (no heartbeat); "
+                                "run failed")
+            failed += 1
+        if failed:
+            self._last_hb = None  # forgotten only when something was failed
+            self.watchdog_failures += failed
+            self._cond.notify_all()
+        return False
+
+
+@dataclass
+class _Html:
+    text: str
+
+
+def _run_task(task: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "taskName": task.get("name"),
+        "description": task.get("description", ""),
+        "state": "PENDING",
+        "progress": 0,
+        "durationMs": None,
+        "result": None,
+        "crucialPass": task.get("crucialPass", True) is not False,
+        "estimatedTime": task.get("estimatedTime", 1000),
+        "startTime": None,
+        "endTime": None,
+        "logs": [],
+    }
+
+
+def _configuration(body: Any) -> str:
+    if isinstance(body, dict) and isinstance(body.get("configuration"), str):
+        return body["configuration"]
+    return "development"
+
+
+_BAD_JSON = object()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse(raw: bytes) -> Any:
+    """The body as strict JSON (NaN/Infinity refused, like JSON.parse), else the bytes."""
+    if not raw:
+        return None
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except ValueError:
+        return raw
+
+
+def _express_body(content_type: str, raw: bytes) -> Any:
+    """What express.json() leaves in req.body: {} unless the body is declared JSON."""
+    if "json" not in content_type.lower() or not raw:
+        return {}
+    parsed = _parse(raw)
+    if not isinstance(parsed, dict | list):  # strict mode: objects and arrays only
+        return _BAD_JSON
+    return parsed
+
+
+def _disconnected(conn: socket.socket) -> bool:
+    """A held poller closed its side (readable with EOF)."""
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def fake_perfect() -> Iterator[FakePerfect]:
+    """A running fake backend with the real server's timings (30 s hold, 10 s watchdog)."""
+    with FakePerfect() as fake:
+        yield fake
+
+
+@pytest.fixture
+def quick_fake() -> Iterator[FakePerfect]:
+    """A fake with a 1 s poll hold, for tests that exercise the empty long poll."""
+    with FakePerfect(poll_hold=1.0) as fake:
+        yield fake
