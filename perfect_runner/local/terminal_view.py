@@ -319,8 +319,10 @@ class TerminalView(NullListener):
             size = os.get_terminal_size(self.stream.fileno())
             columns, lines = size.columns, size.lines
         except (AttributeError, ValueError, OSError):
-            columns, lines = 100, 24
-        return (self._width or columns), lines
+            columns, lines = 0, 0
+        # A pseudo-terminal nobody sized reports 0 x 0.
+        columns, lines = columns or 100, lines or 24
+        return max(self._width or columns, 20), max(lines, 5)
 
     def _drain(self) -> None:
         """Write the outbox in order; the thread that holds the write lock writes for all."""
