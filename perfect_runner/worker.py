@@ -1,0 +1,282 @@
+"""The worker: serve a Perfect backend, one flow run per execution request.
+
+Threads of the control process:
+- heartbeat: its own connection, a beat at start and every 3 s, whatever else happens;
+- poller (the main loop below): long-polls only while a run slot is free;
+- one thread per running flow run (FlowRun.execute), draining its children;
+- one sender thread per run (transport.sender), the only place a run's updates
+  touch the network.
+The main thread only waits for a stop signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from .executor.engine import FlowExecutor
+from .executor.events import FanOut, NullListener, RunListener
+from .executor.flow_run import FlowRun
+from .executor.records import RunRecord, TaskRecord
+from .isolation.outcome import Kind
+from .local.logfile import LogFileListener
+from .transport.api import ApiError, BadRequest, ExecutionRequest, PerfectAPIClient
+from .transport.backend_listener import BackendListener
+from .transport.heartbeat import Heartbeat
+
+log = logging.getLogger("perfect_runner.worker")
+
+FLUSH_ON_EXIT = 1.0  # seconds pending updates get at shutdown
+
+
+class WorkerLog(NullListener):
+    """The worker's own log: one line per run and task outcome."""
+
+    def run_started(self, run: RunRecord) -> None:
+        log.info("run %s: flow %r started", run.run_id, run.flow_name)
+
+    def task_finished(self, run: RunRecord, task: TaskRecord) -> None:
+        level = logging.INFO if task.state == "COMPLETED" else logging.WARNING
+        log.log(level, "run %s: task #%d %s %s%s", run.run_id, task.index, task.name,
+                task.state, f": {task.note}" if task.note else "")
+
+    def run_finished(self, run: RunRecord) -> None:
+        log.info("run %s: flow %r %s", run.run_id, run.flow_name, run.state)
+
+
+class Worker:
+    def __init__(self, args: argparse.Namespace, executor: FlowExecutor) -> None:
+        self.args = args
+        self.executor = executor
+        self.client = PerfectAPIClient(args.server)
+        self.heartbeat = Heartbeat(self.client)
+        self.backend = BackendListener(
+            self.client, on_cancel=self._on_cancel, log_rate=args.log_rate,
+            max_log_entries=args.max_log_entries, progress_interval=args.progress_interval)
+        self.listener: RunListener = FanOut(LogFileListener(args.log_dir), self.backend,
+                                            WorkerLog())
+        self.stop = threading.Event()
+        self.slots = threading.Semaphore(args.concurrency)
+        self.runs: dict[str, FlowRun] = {}
+        self.threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    # --- start-up ---------------------------------------------------------
+
+    def start(self) -> None:
+        # A stale heartbeat on the backend fails the next run within 1 s: beat first.
+        self.heartbeat.start()
+        self.heartbeat.wait_first_beat(timeout=3.0)
+
+    def register(self, flow_name: str) -> str | None:
+        """Register one flow (a new library entry); its id, or None if the backend refused."""
+        result = self.client.register_flow(self._flow_payload(flow_name))
+        if result.ok and isinstance(result.body, dict):
+            flow_id = (result.body.get("flow") or {}).get("id")
+            return flow_id if isinstance(flow_id, str) else None
+        if result.status.name == "RETRYABLE":
+            raise ApiError(result)
+        log.error("backend refused flow %r: %s", flow_name, result.describe())
+        return None
+
+    def register_all(self, names: list[str]) -> dict[str, str]:
+        """Register each flow, waiting (with backoff) while the backend is down."""
+        ids: dict[str, str] = {}
+        delay, said = 0.5, False
+        while not self.stop.is_set():
+            try:
+                for name in names:
+                    if name not in ids:
+                        flow_id = self.register(name)
+                        if flow_id:
+                            ids[name] = flow_id
+                log.info("registered %d flow(s) with %s", len(ids), self.args.server)
+                return ids
+            except ApiError as exc:
+                if not said:
+                    log.warning("Perfect backend at %s is not reachable (%s); retrying",
+                                self.args.server, exc)
+                    said = True
+                self.stop.wait(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
+        return ids
+
+    def _flow_payload(self, name: str) -> dict[str, Any]:
+        flow = self.executor.flows[name]
+        return {
+            "name": name, "description": flow.get("description", ""),
+            "tags": flow.get("tags") or {},
+            "tasks": [{"name": t["name"], "description": t.get("description", ""),
+                       "estimatedTime": t["estimated_time"], "crucialPass": t["crucial_pass"]}
+                      for t in self.executor.flow_tasks(name)],
+            "autoTrigger": False,
+            "autoTriggerConfig": flow.get("auto_trigger_config") or "development",
+        }
+
+    # --- serving ----------------------------------------------------------
+
+    def poll_forever(self) -> None:
+        delay, down = 0.5, False
+        while not self.stop.is_set():
+            if not self.slots.acquire(timeout=0.5):
+                continue  # every slot busy: leave queued runs to other workers
+            try:
+                request = self.client.poll_once()
+            except BadRequest as exc:
+                self.slots.release()
+                log.error("ignoring a malformed execution request: %s", exc)
+                continue
+            except ApiError as exc:
+                self.slots.release()
+                if not down:
+                    log.warning("cannot poll the Perfect backend (%s); retrying", exc)
+                    down = True
+                self.stop.wait(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
+                continue
+            if down:
+                log.info("Perfect backend reachable again")
+                down, delay = False, 0.5
+            if request is None or self.stop.is_set():
+                self.slots.release()
+                if request is not None:
+                    log.warning("got run %s while stopping; not started", request.run_id)
+                continue
+            self._start_thread(request)
+
+    def _start_thread(self, request: ExecutionRequest) -> None:
+        thread = threading.Thread(target=self._serve_request, args=(request,),
+                                  name=f"run-{request.run_id}", daemon=True)
+        with self._lock:
+            self.threads = [t for t in self.threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def _serve_request(self, request: ExecutionRequest) -> None:
+        try:
+            if request.flow_name in self.executor.flows:
+                self.execute(request.flow_name, request.run_id)
+                if not self.stop.is_set():
+                    self._register_again(request.flow_name)
+            else:
+                self._unknown_flow(request)
+        except Exception:  # noqa: BLE001 - one broken run must not stop the worker
+            log.exception("run %s failed inside the runner", request.run_id)
+        finally:
+            self.slots.release()
+
+    def execute(self, flow_name: str, run_id: str) -> RunRecord:
+        run = self.executor.new_run(flow_name, self.listener, run_id=run_id)
+        with self._lock:
+            self.runs[run_id] = run
+        try:
+            return run.execute()
+        finally:
+            with self._lock:
+                self.runs.pop(run_id, None)
+
+    def _register_again(self, flow_name: str) -> None:
+        # A triggered run removes the flow from the backend's library; put it back.
+        try:
+            self.register(flow_name)
+        except ApiError as exc:
+            log.warning("could not re-register flow %r: %s", flow_name, exc)
+
+    def _unknown_flow(self, request: ExecutionRequest) -> None:
+        known = ", ".join(repr(n) for n in self.executor.flows)
+        note = f"this worker does not serve flow {request.flow_name!r} (it serves {known})"
+        run = RunRecord(run_id=request.run_id, flow_name=request.flow_name,
+                        started_at=time.time())
+        self.listener.run_started(run)
+        self.listener.runner_log(run, note, "error")
+        task = TaskRecord(index=0, name=request.flow_name, state="RUNNING",
+                          started_at=time.time())
+        run.tasks.append(task)
+        self.listener.task_started(run, task)
+        task.state, task.note, task.passed, task.duration_ms = "FAILED", note, False, 0
+        self.listener.task_finished(run, task)
+        run.state, run.note, run.ended_at = "FAILED", note, time.time()
+        self.listener.run_finished(run)
+
+    def _on_cancel(self, run_id: str) -> None:
+        with self._lock:
+            run = self.runs.get(run_id)
+        if run is not None:
+            log.warning("run %s: backend no longer wants it (404); stopping it", run_id)
+            run.cancel("the backend no longer wants this run (stopped or timed out there)")
+
+    # --- shutdown ---------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop polling, give runs the grace, stop the rest, flush briefly."""
+        self.stop.set()
+        deadline = time.monotonic() + self.args.shutdown_grace
+        self._join_runs(deadline)
+        with self._lock:
+            running = list(self.runs.values())
+        for run in running:
+            run.cancel("worker stopped", Kind.WORKER_STOPPED)
+        self._join_runs(time.monotonic() + 1.0)
+        lost = self.backend.close(FLUSH_ON_EXIT)
+        if lost:
+            log.warning("%d update(s) not delivered to the backend at shutdown", lost)
+        self.heartbeat.stop()
+
+    def _join_runs(self, deadline: float) -> None:
+        with self._lock:
+            threads = list(self.threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def serve(args: argparse.Namespace, executor: FlowExecutor, names: list[str]) -> int:
+    """Worker mode (no --run) or a client-initiated run of each named flow (--run)."""
+    worker = Worker(args, executor)
+    _install_signal_handlers(worker)
+    worker.start()
+    try:
+        if args.run or args.run_all:
+            return _run_named(worker, names)
+        worker.register_all(list(executor.flows))
+        poller = threading.Thread(target=worker.poll_forever, name="poller", daemon=True)
+        poller.start()
+        worker.stop.wait()
+        return 0
+    finally:
+        worker.shutdown()
+
+
+def _run_named(worker: Worker, names: list[str]) -> int:
+    ok = True
+    for name in names:
+        flow_id = worker.register_all([name]).get(name)
+        run_id = worker.client.create_run(flow_id) if flow_id else None
+        if not run_id:
+            print(f"perfect-runner: the backend did not create a run of {name!r}",
+                  file=sys.stderr)
+            ok = False
+            continue
+        record = worker.execute(name, run_id)
+        worker.backend.close(5.0)
+        report = worker.client.get_report(run_id) or {}
+        url = f"{worker.args.server.rstrip('/')}{report['url']}" if report.get("url") else "-"
+        print(f"{name}: run {run_id} {record.state}  report: {url}")
+        ok = ok and record.state == "COMPLETED"
+    return 0 if ok else 1
+
+
+def _install_signal_handlers(worker: Worker) -> None:
+    def on_signal(signum: int, _frame: object) -> None:
+        if worker.stop.is_set() and signum == signal.SIGINT:
+            os._exit(130)  # a second Ctrl-C: now (children die with us)
+        log.info("got %s: stopping", signal.Signals(signum).name)
+        worker.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
