@@ -423,6 +423,12 @@ class RunSender:
             return
         log.warning("run %s: backend no longer knows this run (404 on %s); "
                     "%d pending updates dropped", self.run_id, self._describe(item), dropped)
+        # Nothing more can be reported for this run, so it is not wanted either.
+        if self.on_cancel is not None:
+            try:
+                self.on_cancel(self.run_id)
+            except Exception:
+                log.exception("run %s: on_cancel callback failed", self.run_id)
 
     def _stop(self) -> int:
         with self._cond:
