@@ -25,7 +25,8 @@ Rules (each one protects the backend or the user's view of the run):
 - Faults: RETRYABLE → the same item again with capped exponential backoff and
   jitter. NOT_FOUND on a RUNNING/RETRYING update → the run is no longer
   wanted: `on_cancel(run_id)`, drop everything, send nothing more. NOT_FOUND
-  on COMPLETED/FAILED/complete → the backend forgot the run: drop everything.
+  on COMPLETED/FAILED/complete → the backend forgot the run: drop everything,
+  and `on_cancel(run_id)` too (nothing more can be reported for it).
   Other 4xx → log once, drop that item, go on.
 - Nothing is accepted after `complete`; after a crucial FAILED update only log
   lines and the complete are.
@@ -415,15 +416,10 @@ class RunSender:
             log.warning("run %s: backend answered 404 to task %d's %s update: the run is no "
                         "longer wanted (stopped in the UI or failed by the heartbeat watchdog); "
                         "%d pending updates dropped", self.run_id, item.task_index, state, dropped)
-            if self.on_cancel is not None:
-                try:
-                    self.on_cancel(self.run_id)
-                except Exception:
-                    log.exception("run %s: on_cancel callback failed", self.run_id)
-            return
-        log.warning("run %s: backend no longer knows this run (404 on %s); "
-                    "%d pending updates dropped", self.run_id, self._describe(item), dropped)
-        # Nothing more can be reported for this run, so it is not wanted either.
+        else:
+            log.warning("run %s: backend no longer knows this run (404 on %s); "
+                        "%d pending updates dropped", self.run_id, self._describe(item), dropped)
+        # Either way nothing more can be reported for this run: it is not wanted.
         if self.on_cancel is not None:
             try:
                 self.on_cancel(self.run_id)
