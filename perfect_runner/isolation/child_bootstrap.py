@@ -6,7 +6,9 @@ interpreter), a child runs `become_child` and never returns from it:
 1. last-chance stderr: bootstrap errors go straight to the stderr pipe;
 2. reset signal dispositions inherited from the fork server;
 3. its own session and process group, so its whole tree can be signalled;
-4. parent-death signal, so it never outlives the runner;
+4. parent-death signal, so it never outlives the runner; child subreaper, so
+   descendants that double-fork stay in its tree while it lives (and go to the
+   fork server, which kills them, once it is gone);
 5. the pipes onto fds 1 and 2, /dev/null onto fd 0;
 6. close every other inherited fd but the channel;
 7. run the role, then leave through `os._exit` (no atexit, no flushing of
@@ -29,7 +31,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from .oskit import die_with_parent
+from .oskit import become_subreaper, die_with_parent
 
 EXIT_BOOTSTRAP = 120  # the runner's child code failed before or after the task
 EXIT_CHANNEL_LOST = 121  # the control process went away mid-conversation
@@ -60,6 +62,8 @@ def become_child(config: ChildConfig, out_fd: int, err_fd: int, chan_fd: int) ->
         _reset_signals()
         os.setsid()
         die_with_parent(config.parent_pid)
+        # Orphans of our descendants stay in our tree, where the supervisor finds them.
+        become_subreaper()
         chan_fd = _wire_fds(out_fd, err_fd, chan_fd)
         report_fd = 2
         _apply_limits(config)

@@ -33,6 +33,7 @@ import sys
 from .child_bootstrap import ChildConfig, become_child
 from .loader import ModuleLoadError, describe, load_modules
 from .oskit import become_subreaper, close_quietly, die_with_parent, signal_group
+from .proctree import direct_children, kill_tree
 
 MAX_PACKET = 65536
 
@@ -142,6 +143,18 @@ class ForkServer:
                 self.children.discard(pid)
                 maxrss = usage.ru_maxrss * 1024
                 self._send({"op": "exited", "pid": pid, "status": status, "maxrss": maxrss})
+                self._kill_orphans()
+
+    def _kill_orphans(self) -> None:
+        """Kill what a dead flow or task process left behind.
+
+        Every child of ours that we did not fork was reparented to us because
+        the flow or task process above it died (they are subreapers, so nothing
+        else reaches us): it belongs to a finished process and must not live on.
+        """
+        for pid in direct_children(os.getpid()):
+            if pid not in self.children:
+                kill_tree(pid)
 
     def _send(self, message: dict, fds: list[int] | None = None) -> None:
         try:

@@ -15,6 +15,22 @@ import psutil
 from .oskit import signal_group, signal_process
 
 
+def direct_children(pid: int) -> list[int]:
+    """Children of a process from /proc, without scanning every process."""
+    found: list[int] = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as handle:
+                found.extend(int(p) for p in handle.read().split())
+        except OSError:
+            pass
+    return found
+
+
 def descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
