@@ -100,6 +100,10 @@ class FlowRun:
             self._serve(flow)
         finally:
             kill_tree(flow.pid)
+            # Wait for its exit (pidfd) so the flow process never outlives the run.
+            end = time.monotonic() + 5.0
+            while flow.running and time.monotonic() < end:
+                self.loop.poll(end - time.monotonic())
             flow.drain()
             flow.close()
 
