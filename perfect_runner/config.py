@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="default pause between attempts (default 0)")
     add("--kill-grace", type=float, default=float(_env("KILL_GRACE", 2.0)), metavar="SECONDS",
         help="after a timeout, how long a task may clean up before SIGKILL (default 2)")
+    add("--max-procs", type=int, default=_int_env("MAX_PROCS"), metavar="N",
+        help="most processes one task's tree may have; more (a fork bomb) kills the task "
+        "(default none)")
+    add("--hard-memory-cap", action="store_true", default=bool(_env("HARD_MEMORY_CAP")),
+        help="also cap each task's address space at its memory limit (RLIMIT_AS), for "
+        "allocations faster than the 50 ms RSS sampling")
     add("--max-result-size", default=_env("MAX_RESULT_SIZE", str(DEFAULT_MAX_RESULT)),
         metavar="SIZE", help="largest task result or argument payload (default 64MiB)")
     add("--progress-interval", type=float, default=float(_env("PROGRESS_INTERVAL", 0.5)),
@@ -73,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-level", default=_env("LOG_LEVEL", "INFO"),
         choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="runner log level (default INFO)")
     return p
+
+
+def _int_env(name: str) -> int | None:
+    value = _env(name)
+    return int(value) if value not in (None, "") else None
 
 
 def _float_env(name: str) -> float | None:
@@ -110,6 +121,8 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         retries=args.retries,
         retry_delay=args.retry_delay,
         kill_grace=args.kill_grace,
+        max_procs=args.max_procs,
+        hard_memory_cap=args.hard_memory_cap,
         progress_interval=args.progress_interval,
         max_result=_size("--max-result-size", args.max_result_size) or DEFAULT_MAX_RESULT,
     )

@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Any
 
+import psutil
+
 from ..isolation.child_bootstrap import ChildConfig
 from ..isolation.child_process import ChildProcess
 from ..isolation.launcher import Launcher, LaunchError
@@ -183,8 +185,15 @@ class FlowRun:
             timeout=meta.get("timeout") if meta.get("timeout") is not None
             else self.options.task_timeout,
             memory_limit=meta.get("memory_limit") or self.options.memory_limit,
+            max_procs=self.options.max_procs,
             kill_grace=self.options.kill_grace, max_result=self.options.max_result,
         )
+        config = self._child_config("task")
+        if limits.max_procs:
+            # Counts every process of the user (not just this tree); the sampler counts the tree.
+            config.rlimits["nproc"] = limits.max_procs + len(psutil.pids())
+        if self.options.hard_memory_cap and limits.memory_limit:
+            config.rlimits["as"] = limits.memory_limit
 
         def tick(reported: float | None) -> None:
             elapsed_ms = (time.monotonic() - started) * 1000
@@ -193,7 +202,7 @@ class FlowRun:
             self.listener.task_progress(self.run, task)
 
         supervisor = TaskSupervisor(
-            self.launcher, self.loop, self._child_config("task"), limits,
+            self.launcher, self.loop, config, limits,
             lambda stream, lines: self.listener.task_output(self.run, task, stream, lines),
             tick, self.options.progress_interval, self.cancel_reason,
         )

@@ -14,6 +14,8 @@ class RunOptions:
     retries: int = 0
     retry_delay: float = 0.0
     kill_grace: float = 2.0
+    max_procs: int | None = None  # processes in one task's tree
+    hard_memory_cap: bool = False  # also RLIMIT_AS = memory limit, for very fast allocators
     progress_interval: float = 0.5
     max_result: int = DEFAULT_MAX_RESULT
     child_env: dict[str, str] | None = None  # None: inherit the launcher's environment

@@ -19,6 +19,7 @@ class Kind(StrEnum):
     UNSENDABLE = "unsendable"  # arguments or result could not cross the boundary
     TIMED_OUT = "timed out"
     MEMORY = "memory limit"
+    PROCS = "process limit"
     CRASHED = "crashed"  # killed by a signal the runner did not send
     EXITED = "exited"  # exited without a final frame
     CANCELLED = "cancelled"
@@ -112,6 +113,7 @@ _NOTES = {
     Kind.UNSENDABLE: lambda o: o.detail,
     Kind.TIMED_OUT: _timed_out,
     Kind.MEMORY: _memory,
+    Kind.PROCS: lambda o: f"killed: process limit exceeded ({o.detail})",
     Kind.CRASHED: _crashed,
     Kind.EXITED: _exited,
     Kind.CANCELLED: lambda o: f"cancelled: {o.detail}" if o.detail else "cancelled",

@@ -38,20 +38,20 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def tree_rss(pid: int) -> int:
-    """Resident memory of the process and all its descendants, in bytes."""
+def tree_usage(pid: int) -> tuple[int, int]:
+    """Resident memory (bytes) and process count of the process and its descendants."""
     total = 0
     try:
         root = psutil.Process(pid)
         members = [root, *root.children(recursive=True)]
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-        return 0
+        return 0, 0
     for member in members:
         try:
             total += member.memory_info().rss
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             pass
-    return total
+    return total, len(members)
 
 
 def kill_tree(pid: int, known: list[psutil.Process] | None = None) -> None:

@@ -23,7 +23,7 @@ from .child_process import ChildProcess, OutputHandler
 from .launcher import Launcher, LaunchError
 from .oskit import signal_process
 from .outcome import Kind, Outcome
-from .proctree import kill_tree, tree_rss
+from .proctree import kill_tree, tree_usage
 from .protocol import Progress, RunTask, TaskRaised, TaskReturned, TaskUnsendable
 from .selector_loop import SelectorLoop
 
@@ -32,6 +32,7 @@ from .selector_loop import SelectorLoop
 class TaskLimits:
     timeout: float | None = None
     memory_limit: int | None = None
+    max_procs: int | None = None
     kill_grace: float = 2.0
     memory_sample_interval: float = 0.05
     max_result: int = 64 * 1024 * 1024
@@ -101,7 +102,7 @@ class TaskSupervisor:
     def _watch(self, child: ChildProcess) -> None:
         start = time.monotonic()
         self.deadlines.tick = start + self.tick_interval
-        if self.limits.memory_limit:
+        if self.limits.memory_limit or self.limits.max_procs:
             self.deadlines.sample = start + self.limits.memory_sample_interval
         if self.limits.timeout is not None:
             self.deadlines.timeout = start + self.limits.timeout
@@ -125,11 +126,16 @@ class TaskSupervisor:
 
     def _on_sample(self, child: ChildProcess, now: float) -> None:
         self.deadlines.sample = now + self.limits.memory_sample_interval
-        rss = tree_rss(child.pid)
+        rss, count = tree_usage(child.pid)
         self.peak_rss = max(self.peak_rss, rss)
-        limit = self.limits.memory_limit
-        if limit and rss > limit and not self.forced:
+        limit, max_procs = self.limits.memory_limit, self.limits.max_procs
+        if self.forced:
+            return
+        if limit and rss > limit:
             self.forced = (Kind.MEMORY, _mib(limit))
+        elif max_procs and count > max_procs:
+            self.forced = (Kind.PROCS, f"{count} processes, --max-procs {max_procs}")
+        if self.forced:
             kill_tree(child.pid)
 
     def _on_timeout(self, child: ChildProcess, now: float) -> None:
