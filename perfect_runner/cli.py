@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
-from .config import UsageError, parse_args, run_options
+from .config import UsageError, child_environment, parse_args, run_options
 from .executor.engine import FlowExecutor
 from .isolation.launcher import LaunchError
+from .isolation.oskit import make_undumpable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -16,12 +18,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         options = run_options(args)
+        child_env = child_environment(args, dict(os.environ))
     except UsageError as exc:
         return _usage(str(exc))
+    if args.token:
+        # Our /proc/<pid>/environ and memory then belong to root: a task running as our
+        # user cannot read the token from its ancestor.
+        make_undumpable()
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        executor = FlowExecutor(args.flows, args.start_method, options)
+        executor = FlowExecutor(args.flows, args.start_method, options, env=child_env)
     except LaunchError as exc:
         return _usage(str(exc))
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 from collections.abc import Callable
 from typing import Any
@@ -76,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="where every run's complete log is written (default ./perfect-logs)")
     add("--reports-dir", default=_env("REPORTS_DIR", "reports"),
         help="where local mode writes HTML and JSON reports (default ./reports)")
+    add("--token", default=_env("TOKEN"), help="sent as 'Authorization: Bearer ...' on every "
+        "request (for a backend behind an authenticating proxy); never logged, never passed "
+        "to tasks [PERFECT_TOKEN]")
+    add("--scrub-env", action="append", default=[], metavar="PATTERN",
+        help="also remove environment variables matching this glob from what flows and "
+        "tasks see (repeatable; PERFECT_TOKEN and *_TOKEN-like worker secrets always are)")
+    add("--task-env", action="append", default=[], metavar="KEY=VALUE",
+        help="add a variable to the environment flows and tasks see (repeatable)")
     add("--log-level", default=_env("LOG_LEVEL", "INFO"),
         choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="runner log level (default INFO)")
     return p
@@ -112,6 +121,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UsageError(message)
+
+
+ALWAYS_SCRUBBED = ("PERFECT_TOKEN", "PERFECT_*TOKEN*", "PERFECT_*SECRET*", "PERFECT_*PASSWORD*")
+
+
+def child_environment(args: argparse.Namespace, base: dict[str, str]) -> dict[str, str]:
+    """What flow and task processes see: the worker's environment minus its secrets."""
+    patterns = [*ALWAYS_SCRUBBED, *args.scrub_env]
+    env = {k: v for k, v in base.items()
+           if not any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    for item in args.task_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--task-env {item!r}: use KEY=VALUE")
+        env[key] = value
+    return env
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:

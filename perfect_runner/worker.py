@@ -55,7 +55,7 @@ class Worker:
     def __init__(self, args: argparse.Namespace, executor: FlowExecutor) -> None:
         self.args = args
         self.executor = executor
-        self.client = PerfectAPIClient(args.server)
+        self.client = PerfectAPIClient(args.server, token=args.token)
         self.heartbeat = Heartbeat(self.client)
         self.backend = BackendListener(
             self.client, on_cancel=self._on_cancel, log_rate=args.log_rate,

@@ -8,6 +8,7 @@ import os
 import signal
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -23,6 +24,11 @@ def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
     # The parent may have died between fork and prctl: then we were reparented.
     if os.getppid() != expected_parent:
         os._exit(1)
+
+
+def make_undumpable() -> bool:
+    """Other processes of our user can no longer read our memory or /proc/<pid>/environ."""
+    return _prctl(PR_SET_DUMPABLE, 0)
 
 
 def become_subreaper() -> bool:
