@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from fake_perfect import FakePerfect
 
 TOKEN = "tok-3f9a2c-never-leak"

@@ -13,7 +13,6 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-
 from fake_perfect import FakePerfect
 
 FLOWS = textwrap.dedent('''
