@@ -17,13 +17,12 @@ from typing import Any
 
 import psutil
 import pytest
+from conftest import HEADER, Recorder, execute_flow, is_gone
 
 from perfect_runner.executor.options import RunOptions
 from perfect_runner.executor.records import RunRecord, TaskRecord
 from perfect_runner.isolation.lines import CONTINUED
 from perfect_runner.local.logfile import LogFileListener
-
-from conftest import HEADER, Recorder, execute_flow, is_gone
 
 MARKER = "HEALTHY-MARKER-7f3a"
 OUTPUT_LINES = 2_000_000  # 50 bytes each: 100 MB
