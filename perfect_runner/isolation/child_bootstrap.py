@@ -27,11 +27,13 @@ import resource
 import signal
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 from .oskit import become_subreaper, die_with_parent
+from .proctree import direct_children, kill_tree
 
 EXIT_BOOTSTRAP = 120  # the runner's child code failed before or after the task
 EXIT_CHANNEL_LOST = 121  # the control process went away mid-conversation
@@ -49,6 +51,8 @@ class ChildConfig:
     env: dict[str, str] | None = None
     cwd: str | None = None
     rlimits: dict[str, int] = field(default_factory=dict)
+    user: int | None = None  # switch to this uid (and group) before running user code
+    group: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -72,7 +76,27 @@ def become_child(config: ChildConfig, out_fd: int, err_fd: int, chan_fd: int) ->
         _last_chance_report(report_fd)
     finally:
         _flush_std()
+        _kill_leftovers()
         os._exit(code)
+
+
+def _kill_leftovers(limit: float = 2.0) -> None:
+    # What the role started dies (and is reaped) before it: under "spawn" no fork
+    # server is there to kill orphans, and a daemon in its own session would
+    # escape to init. We are a subreaper, so every descendant ends up our child.
+    end = time.monotonic() + limit
+    try:
+        while (children := direct_children(os.getpid())) and time.monotonic() < end:
+            for pid in children:
+                kill_tree(pid)
+            for pid in children:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            time.sleep(0.002)
+    except Exception:  # noqa: BLE001 - nothing may stop the exit
+        pass
 
 
 def _reset_signals() -> None:
@@ -128,6 +152,18 @@ def _apply_limits(config: ChildConfig) -> None:
         _, hard = resource.getrlimit(limit)
         capped = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(limit, (capped, capped))
+    _drop_privileges(config)
+
+
+def _drop_privileges(config: ChildConfig) -> None:
+    # Last, after the pipes and limits: a task under another user can change neither.
+    if config.user is None and config.group is None:
+        return
+    if config.group is not None:
+        os.setgroups([])
+        os.setgid(config.group)
+    if config.user is not None:
+        os.setuid(config.user)
 
 
 def _run_role(role: str, chan: socket.socket) -> int:
