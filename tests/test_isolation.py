@@ -427,3 +427,32 @@ def test_signal_names_are_rendered_in_one_place() -> None:
     assert describe_signal(signal.SIGSEGV) == "SIGSEGV (segmentation fault)"
     assert describe_signal(signal.SIGKILL) == "SIGKILL (killed)"
     assert describe_signal(250) == "signal 250"
+
+
+DAEMON = """
+@task
+def start_daemon():
+    # A new session: the daemon leaves the task's process group.
+    daemon = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    print(f"daemon {daemon.pid}", flush=True)
+    return TaskResult(passed=True)
+
+
+@flow("daemon")
+def daemon_flow():
+    start_daemon()
+"""
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_a_daemon_in_its_own_session_dies_with_its_task(write_flows, run_flow,
+                                                        start_method: str) -> None:
+    ran = run_flow(write_flows(DAEMON), "daemon", start_method)
+    assert ran.record.state == "COMPLETED"
+    (line,) = ran.events.lines(0, "stdout")
+    pid = int(line.split()[1])
+    try:
+        assert is_gone(pid), f"the daemon {pid} outlived its task"
+    finally:
+        if not is_gone(pid):
+            os.kill(pid, signal.SIGKILL)
