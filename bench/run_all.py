@@ -23,7 +23,7 @@ import common
 from common import Row
 
 # In the order the issue lists them; others append theirs here.
-BENCHMARKS = ["start_overhead", "memory_size", "output_throughput", "footprint"]
+BENCHMARKS = ["start_overhead", "memory_size", "output_throughput", "footprint", "faults"]
 
 
 def run_one(name: str, quick: bool) -> tuple[list[Row], float]:
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.rows_json).write_text(json.dumps([r.to_json() for r in rows]))
         return 0
 
+    if common.PYCACHE_NOTE:
+        print(common.PYCACHE_NOTE, flush=True)
     started = time.perf_counter()
     all_rows: list[Row] = []
     timings = []
