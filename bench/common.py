@@ -37,6 +37,19 @@ from perfect_runner.executor.records import RunRecord  # noqa: E402
 
 MS = 1000.0
 
+# Installed packages come with bytecode caches; a sandbox that sets
+# PYTHONDONTWRITEBYTECODE makes every task process compile from source the
+# modules it imports, which is not what a worker sees. So the bench keeps
+# bytecode caches (outside the repo) unless PR_BENCH_KEEP_ENV=1.
+PYCACHE_NOTE = ""
+if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PR_BENCH_KEEP_ENV"):
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
+    os.environ.setdefault("PYTHONPYCACHEPREFIX",
+                          os.path.join(tempfile.gettempdir(), "pr-bench-pycache"))
+    PYCACHE_NOTE = (f"note: PYTHONDONTWRITEBYTECODE was set; children get bytecode caches "
+                    f"under PYTHONPYCACHEPREFIX={os.environ['PYTHONPYCACHEPREFIX']} "
+                    f"(PR_BENCH_KEEP_ENV=1 keeps the environment as is)")
+
 
 # --- result rows -----------------------------------------------------------
 

@@ -34,8 +34,8 @@ LABELS = {
 
 def main(quick: bool = False) -> list[Row]:
     rounds = 2 if quick else 4
-    calls = 100 if quick else 500
-    few = 20 if quick else 50
+    calls = 60 if quick else 500
+    few = 15 if quick else 50
     directory = common.work_dir("memory")
     plain = common.noop_flows_module(directory)
     heavy = common.noop_flows_module(directory, "heavy_flows", imports=common.HEAVY_IMPORTS)

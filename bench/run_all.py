@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.rows_json).write_text(json.dumps([r.to_json() for r in rows]))
         return 0
 
+    if common.PYCACHE_NOTE:
+        print(common.PYCACHE_NOTE, flush=True)
     started = time.perf_counter()
     all_rows: list[Row] = []
     timings = []

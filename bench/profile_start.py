@@ -1,0 +1,190 @@
+"""Where a task start's time goes: a diagnostic, not part of `run_all`.
+
+    python bench/profile_start.py [--calls N] [--top K]
+
+Three views of one no-op task call:
+
+1. Control process: cProfile of `FlowRun.execute` over N calls (default
+   start method). Time inside epoll/lock waits is time spent waiting for the
+   fork server or the task process.
+2. Task process: a harness that is set up like the fork server (it imports
+   `perfect_runner.isolation.forkserver` and preloads the flows module, and
+   nothing else of the runner) forks, and the child runs the real
+   `child_bootstrap.become_child` under cProfile, answering one RunTask frame
+   built by hand (so the harness does not import `protocol` itself). Phases
+   are timed from the harness: fork, fork -> reply, reply -> reaped.
+3. The same harness after pre-importing `perfect_runner.isolation.task_child`
+   in the parent, i.e. what a child would cost if the fork server had
+   imported it once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import glob
+import io
+import json
+import os
+import pickle
+import pstats
+import socket
+import statistics
+import struct
+import sys
+import tempfile
+import time
+
+PREFIX = struct.Struct(">II")
+
+
+def control_side(module: str, calls: int, top: int) -> None:
+    import common
+
+    runner = common.NoopFlows(module, calls)
+    try:
+        runner.batch()
+        profile = cProfile.Profile()
+        start = time.perf_counter()
+        profile.enable()
+        samples = runner.batch()
+        profile.disable()
+        wall = time.perf_counter() - start
+    finally:
+        runner.close()
+    print(f"== 1. control process: {calls} calls, {wall * 1000 / calls:.2f} ms per call "
+          f"(flow body median {statistics.median(samples) * 1000:.2f} ms) ==")
+    _print_stats(pstats.Stats(profile), top, calls)
+
+
+def _frame(header: dict, blob: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return PREFIX.pack(len(raw), len(blob)) + raw + blob
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError("channel closed")
+        data += chunk
+    return data
+
+
+def _one_child(key: str, profile_path: str | None) -> tuple[float, float, float]:
+    from perfect_runner.isolation.child_bootstrap import ChildConfig, become_child
+
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    chan, chan_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    config = ChildConfig(role="task", parent_pid=os.getpid())
+    start = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        chan.close()
+        profile = cProfile.Profile() if profile_path else None
+        if profile:
+            real_exit = os._exit
+
+            def exit_after_dump(code: int) -> None:
+                profile.disable()
+                profile.dump_stats(profile_path)
+                real_exit(code)
+
+            os._exit = exit_after_dump
+            profile.enable()
+        become_child(config, out_w, err_w, chan_child.fileno())
+    forked = time.perf_counter()
+    for fd in (out_w, err_w):
+        os.close(fd)
+    chan_child.close()
+    request = {"type": "run_task", "key": key, "name": "noop", "index": 0, "attempt": 1,
+               "max_result": 64 << 20}
+    chan.sendall(_frame(request, pickle.dumps(((), {}), protocol=pickle.HIGHEST_PROTOCOL)))
+    header_len, blob_len = PREFIX.unpack(_recv_exact(chan, PREFIX.size))
+    reply = json.loads(_recv_exact(chan, header_len))
+    _recv_exact(chan, blob_len)
+    replied = time.perf_counter()
+    os.waitpid(pid, 0)
+    reaped = time.perf_counter()
+    chan.close()
+    for fd in (out_r, err_r):
+        os.close(fd)
+    if reply.get("type") != "task_returned":
+        raise RuntimeError(f"unexpected reply {reply}")
+    return forked - start, replied - forked, reaped - replied
+
+
+def child_side(module: str, calls: int, top: int, preimport: bool) -> None:
+    """Runs in a fresh interpreter set up like the fork server."""
+    import perfect_runner.isolation.forkserver  # noqa: F401 - what the fork server imports
+    from perfect_runner.isolation.loader import load_modules
+
+    load_modules([module])
+    if preimport:
+        import perfect_runner.isolation.task_child  # noqa: F401
+    key = f"{os.path.splitext(os.path.basename(module))[0]}:noop"
+    for _ in range(5):
+        _one_child(key, None)  # warm-up
+    phases = [_one_child(key, None) for _ in range(calls)]
+    with tempfile.TemporaryDirectory() as directory:
+        for i in range(min(calls, 50)):
+            _one_child(key, os.path.join(directory, f"child-{i}.prof"))
+        files = sorted(glob.glob(os.path.join(directory, "*.prof")))
+        stats = pstats.Stats(files[0])
+        for path in files[1:]:
+            stats.add(path)
+    what = "task_child pre-imported in the parent" if preimport else "fork-server-like parent"
+    fork, run, reap = (statistics.median(p[i] for p in phases) * 1000 for i in range(3))
+    print(f"== {3 if preimport else 2}. task process, {what}: {calls} children; median "
+          f"fork {fork:.2f} ms, fork->reply {run:.2f} ms, reply->reaped {reap:.2f} ms, "
+          f"total {fork + run + reap:.2f} ms ==")
+    print(f"(child-side cProfile below: {len(files)} children, per-child times)")
+    _print_stats(stats, top, len(files))
+
+
+def _print_stats(stats: pstats.Stats, top: int, per: int) -> None:
+    stream = io.StringIO()
+    stats.stream = stream
+    stats.sort_stats("cumulative").print_stats(top)
+    lines = stream.getvalue().splitlines()
+    start = next((i for i, line in enumerate(lines) if "ncalls" in line), 0)
+    print(f"{'cum ms/call':>11}  {'own ms/call':>11}  function")
+    for line in lines[start + 1:]:
+        parts = line.split(None, 5)
+        if len(parts) < 6:
+            continue
+        own, cum = float(parts[1]), float(parts[3])
+        print(f"{cum * 1000 / per:11.3f}  {own * 1000 / per:11.3f}  {parts[5]}")
+    print()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--child-side", choices=["plain", "preimport"], help=argparse.SUPPRESS)
+    parser.add_argument("--module", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_side:
+        child_side(args.module, args.calls, args.top, args.child_side == "preimport")
+        return
+    # Imported here: the child-side harness must not import the runner's modules.
+    import common
+
+    module = common.noop_flows_module(common.work_dir("profile"))
+    control_side(module, args.calls, args.top)
+    sys.stdout.flush()
+    for mode in ("plain", "preimport"):
+        # A fresh interpreter: this one has imported the whole runner.
+        os.spawnv(os.P_WAIT, sys.executable, [
+            sys.executable, "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); import profile_start; "
+            "profile_start.main(sys.argv[2:])",
+            str(common.BENCH_DIR), "--child-side", mode, "--module", module,
+            "--calls", str(args.calls), "--top", str(args.top)])
+
+
+if __name__ == "__main__":
+    main()
