@@ -6,6 +6,8 @@ non-crucial, then `healthy` prints a marker. Each case runs in-process through
 outlives the run or the executor) and asserts the faulty task's exact state
 and note, that the healthy task COMPLETED and printed its marker, and what is
 specific to the fault (log file contents, a setsid grandchild's pid gone).
+Two cases also run through the CLI, so --kill-grace and --max-procs are seen
+to reach the supervisor.
 Every memory and fork test caps itself, so a runner bug cannot hurt the host.
 """
 
@@ -17,7 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import HEADER, Recorder, execute_flow, is_gone
+from conftest import HEADER, Recorder, alive, descendants, execute_flow, is_gone, run_cli
 
 from perfect_runner.executor.options import RunOptions
 from perfect_runner.executor.records import RunRecord, TaskRecord
@@ -372,3 +374,22 @@ def test_every_fault_has_a_test() -> None:
     assert tested == set(FAULTS)
 
 
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("name,args,note", [
+    ("swallow_timeout", ["--kill-grace", "0.5"], "timed out after 1.0 s; killed after grace"),
+    ("fork_bomb", ["--max-procs", "20"], "killed: process limit exceeded ("),
+])
+def test_cli_options_reach_the_supervisor(fault_flows: Path, tmp_path: Path, name: str,
+                                          args: list[str], note: str) -> None:
+    before = {p.pid for p in descendants()}
+    done = run_cli("--flows", str(fault_flows), "--run", f"flow_{name}",
+                   "--reports-dir", str(tmp_path / "reports"), "--log-dir",
+                   str(tmp_path / "logs"), *args, cwd=tmp_path)
+    assert done.code == 0, done.stderr
+    assert alive([p for p in descendants() if p.pid not in before]) == []
+    (log,) = (tmp_path / "logs").glob("*.log")
+    text = log.read_text(encoding="utf-8")
+    assert f"#0 fault_{name} FAILED in " in text and f": {note}" in text
+    assert f"#1 healthy OUT {MARKER}" in text and "#1 healthy COMPLETED in " in text
