@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         make_undumpable()
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _warn_about_setup(args, options)
     try:
         executor = FlowExecutor(args.flows, args.start_method, options, env=child_env)
     except LaunchError as exc:
@@ -61,6 +62,18 @@ def _dispatch(args, executor: FlowExecutor) -> int:
     from .worker import serve
 
     return serve(args, executor, names)
+
+
+def _warn_about_setup(args, options) -> None:
+    log = logging.getLogger("perfect_runner")
+    if os.geteuid() == 0 and options.task_user is None:
+        log.warning("running as root: tasks run as root too; use --task-user NAME to run "
+                    "them as another user")
+    if args.insecure and args.server:
+        notice = ("TLS certificate verification is OFF (--insecure): the backend's identity "
+                  "is not checked")
+        log.warning(notice)
+        options.notices.append(notice)
 
 
 def _usage(message: str) -> int:

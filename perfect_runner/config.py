@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import grp
 import os
+import pwd
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="where every run's complete log is written (default ./perfect-logs)")
     add("--reports-dir", default=_env("REPORTS_DIR", "reports"),
         help="where local mode writes HTML and JSON reports (default ./reports)")
+    add("--task-user", default=_env("TASK_USER"), metavar="NAME",
+        help="when the worker runs as root, run flow and task processes as this user")
+    add("--task-group", default=_env("TASK_GROUP"), metavar="NAME",
+        help="group for --task-user (default: the user's primary group)")
+    add("--task-workdir", choices=("inherit", "tmp"), default=_env("TASK_WORKDIR", "inherit"),
+        help="inherit: tasks run in the worker's directory (default); tmp: a fresh "
+        "temporary directory per task attempt, removed afterwards")
+    add("--keep-workdirs", action="store_true", default=bool(_env("KEEP_WORKDIRS")),
+        help="with --task-workdir tmp, keep the directories for inspection")
+    add("--max-open-files", type=int, default=int(_env("MAX_OPEN_FILES", 1024)), metavar="N",
+        help="open files per task process, RLIMIT_NOFILE (default 1024)")
+    add("--cpu-limit", type=int, default=_int_env("CPU_LIMIT"), metavar="SECONDS",
+        help="CPU seconds per task process, RLIMIT_CPU (default none)")
+    add("--max-file-size", default=_env("MAX_FILE_SIZE"), metavar="SIZE",
+        help="largest file a task may write, RLIMIT_FSIZE, e.g. 1GB (default none)")
+    add("--ca-bundle", default=_env("CA_BUNDLE"), metavar="PATH",
+        help="CA certificates to verify an HTTPS backend with (private CA)")
+    add("--insecure", action="store_true", default=bool(_env("INSECURE")),
+        help="do not verify the backend's TLS certificate (warned at start and in every "
+        "run's log)")
     add("--token", default=_env("TOKEN"), help="sent as 'Authorization: Bearer ...' on every "
         "request (for a backend behind an authenticating proxy); never logged, never passed "
         "to tasks [PERFECT_TOKEN]")
@@ -140,7 +162,13 @@ def child_environment(args: argparse.Namespace, base: dict[str, str]) -> dict[st
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
+    user, group = task_identity(args.task_user, args.task_group)
     return RunOptions(
+        task_user=user,
+        task_group=group,
+        task_workdir=args.task_workdir,
+        keep_workdirs=args.keep_workdirs,
+        rlimits=_rlimits(args),
         task_timeout=args.task_timeout,
         memory_limit=_size("--memory-limit", args.memory_limit),
         retries=args.retries,
@@ -151,6 +179,37 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         progress_interval=args.progress_interval,
         max_result=_size("--max-result-size", args.max_result_size) or DEFAULT_MAX_RESULT,
     )
+
+
+def _rlimits(args: argparse.Namespace) -> dict[str, int]:
+    limits = {"core": 0, "nofile": args.max_open_files}
+    if args.cpu_limit:
+        limits["cpu"] = args.cpu_limit
+    size = _size("--max-file-size", args.max_file_size)
+    if size:
+        limits["fsize"] = size
+    return limits
+
+
+def task_identity(user: str | None, group: str | None) -> tuple[int | None, int | None]:
+    """uid and gid for --task-user/--task-group (names or numbers)."""
+    if user is None and group is None:
+        return None, None
+    if os.geteuid() != 0:
+        raise UsageError("--task-user/--task-group need a worker running as root")
+    uid = gid = None
+    if user is not None:
+        try:
+            entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+        except KeyError:
+            raise UsageError(f"--task-user {user!r}: no such user") from None
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
+        except KeyError:
+            raise UsageError(f"--task-group {group!r}: no such group") from None
+    return uid, gid
 
 
 def _size(option: str, value: str | None) -> int | None:

@@ -55,7 +55,8 @@ class Worker:
     def __init__(self, args: argparse.Namespace, executor: FlowExecutor) -> None:
         self.args = args
         self.executor = executor
-        self.client = PerfectAPIClient(args.server, token=args.token)
+        verify: bool | str = False if args.insecure else (args.ca_bundle or True)
+        self.client = PerfectAPIClient(args.server, token=args.token, verify=verify)
         self.heartbeat = Heartbeat(self.client)
         self.backend = BackendListener(
             self.client, on_cancel=self._on_cancel, log_rate=args.log_rate,

@@ -19,9 +19,6 @@ import threading
 import time
 from typing import Any
 
-import psutil
-
-from ..isolation.child_bootstrap import ChildConfig
 from ..isolation.child_process import ChildProcess
 from ..isolation.launcher import Launcher, LaunchError
 from ..isolation.outcome import Kind, Outcome, describe_signal
@@ -35,10 +32,11 @@ from ..isolation.protocol import (
     TaskReply,
 )
 from ..isolation.selector_loop import SelectorLoop
-from ..isolation.supervisor import TaskLimits, TaskSupervisor
+from ..isolation.supervisor import TaskSupervisor
 from .events import RunListener
 from .options import RunOptions
 from .records import RunRecord, TaskRecord
+from .task_setup import child_config, task_limits, task_workdir
 
 FLOW_TASK_NAME = "flow"
 
@@ -84,6 +82,8 @@ class FlowRun:
             self._deadline = time.monotonic() + self._flow_timeout
         self.listener.run_started(self.run)
         self.log(f"Starting flow: {self.run.flow_name}")
+        for notice in self.options.notices:
+            self.log(notice, "warning")
         try:
             self._run_flow_process()
         finally:
@@ -92,7 +92,7 @@ class FlowRun:
 
     def _run_flow_process(self) -> None:
         try:
-            flow = ChildProcess(self.launcher, self._child_config("flow"), self.loop,
+            flow = ChildProcess(self.launcher, child_config("flow", self.options), self.loop,
                                 self._flow_output, max_blob=self.options.max_result + (1 << 20))
         except LaunchError as exc:
             self._fail_flow(f"could not start the flow process: {exc}")
@@ -181,34 +181,23 @@ class FlowRun:
 
     def _attempt(self, task: TaskRecord, call: CallTask, args_blob: bytes, meta: dict[str, Any],
                  attempt: int, started: float) -> Outcome:
-        limits = TaskLimits(
-            timeout=meta.get("timeout") if meta.get("timeout") is not None
-            else self.options.task_timeout,
-            memory_limit=meta.get("memory_limit") or self.options.memory_limit,
-            max_procs=self.options.max_procs,
-            kill_grace=self.options.kill_grace, max_result=self.options.max_result,
-        )
-        config = self._child_config("task")
-        if limits.max_procs:
-            # Counts every process of the user (not just this tree); the sampler counts the tree.
-            config.rlimits["nproc"] = limits.max_procs + len(psutil.pids())
-        if self.options.hard_memory_cap and limits.memory_limit:
-            config.rlimits["as"] = limits.memory_limit
-
+        limits = task_limits(meta, self.options)
         def tick(reported: float | None) -> None:
             elapsed_ms = (time.monotonic() - started) * 1000
             estimate = reported if reported is not None else elapsed_ms / task.estimated_time * 100
             task.progress = int(min(99, max(0, estimate)))
             self.listener.task_progress(self.run, task)
 
-        supervisor = TaskSupervisor(
-            self.launcher, self.loop, config, limits,
-            lambda stream, lines: self.listener.task_output(self.run, task, stream, lines),
-            tick, self.options.progress_interval, self.cancel_reason,
-        )
         request = RunTask(key=call.key, name=call.name, index=task.index, attempt=attempt,
                           max_result=self.options.max_result)
-        return supervisor.run(request, args_blob)
+        with task_workdir(self.options, self.run.run_id, task.index, attempt) as cwd:
+            supervisor = TaskSupervisor(
+                self.launcher, self.loop, child_config("task", self.options, limits, cwd),
+                limits,
+                lambda stream, lines: self.listener.task_output(self.run, task, stream, lines),
+                tick, self.options.progress_interval, self.cancel_reason,
+            )
+            return supervisor.run(request, args_blob)
 
     def _pause(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -311,7 +300,3 @@ class FlowRun:
 
     def _flow_output(self, stream: str, lines: list[str]) -> None:
         self.listener.task_output(self.run, None, stream, lines)
-
-    def _child_config(self, role: str) -> ChildConfig:
-        return ChildConfig(role=role, parent_pid=0, env=self.options.child_env,
-                           cwd=self.options.task_cwd, rlimits=dict(self.options.rlimits))

@@ -20,4 +20,9 @@ class RunOptions:
     max_result: int = DEFAULT_MAX_RESULT
     child_env: dict[str, str] | None = None  # None: inherit the launcher's environment
     task_cwd: str | None = None
+    task_workdir: str = "inherit"  # or "tmp": a fresh directory per task attempt
+    keep_workdirs: bool = False
+    notices: list[str] = field(default_factory=list)  # warnings repeated in every run's log
+    task_user: int | None = None  # uid/gid task processes switch to (root workers)
+    task_group: int | None = None
     rlimits: dict[str, int] = field(default_factory=lambda: {"core": 0})

@@ -29,6 +29,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,8 +71,10 @@ def become_child(config: ChildConfig, out_fd: int, err_fd: int, chan_fd: int) ->
         become_subreaper()
         chan_fd = _wire_fds(out_fd, err_fd, chan_fd)
         report_fd = 2
+        # Import the role's code while we can still read it (before dropping privileges).
+        role_main = _role_entry(config.role)
         _apply_limits(config)
-        code = _run_role(config.role, socket.socket(fileno=chan_fd))
+        code = role_main(socket.socket(fileno=chan_fd))
     except BaseException:  # noqa: BLE001 - last chance: say what broke, exit reserved
         _last_chance_report(report_fd)
     finally:
@@ -166,15 +169,15 @@ def _drop_privileges(config: ChildConfig) -> None:
         os.setuid(config.user)
 
 
-def _run_role(role: str, chan: socket.socket) -> int:
+def _role_entry(role: str) -> Callable[[socket.socket], int]:
     if role == "task":
         from .task_child import run_task
 
-        return run_task(chan)
+        return run_task
     if role == "flow":
         from .flow_child import run_flow
 
-        return run_flow(chan)
+        return run_flow
     raise ValueError(f"unknown child role {role!r}")
 
 

@@ -1,0 +1,61 @@
+"""What one task attempt gets: its limits, its process settings, its working directory.
+
+Task options from `@task(...)` win over the worker-wide defaults on the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+
+from ..isolation.child_bootstrap import ChildConfig
+from ..isolation.supervisor import TaskLimits
+from .options import RunOptions
+
+
+def task_limits(meta: dict[str, Any], options: RunOptions) -> TaskLimits:
+    timeout = meta.get("timeout")
+    return TaskLimits(
+        timeout=timeout if timeout is not None else options.task_timeout,
+        memory_limit=meta.get("memory_limit") or options.memory_limit,
+        max_procs=options.max_procs,
+        kill_grace=options.kill_grace,
+        max_result=options.max_result,
+    )
+
+
+def child_config(role: str, options: RunOptions, limits: TaskLimits | None = None,
+                 cwd: str | None = None) -> ChildConfig:
+    rlimits = dict(options.rlimits)
+    if limits and limits.max_procs:
+        # RLIMIT_NPROC counts every process of the user, not just this tree (the
+        # supervisor counts the tree); it stops a fork bomb faster than sampling can.
+        rlimits["nproc"] = limits.max_procs + len(psutil.pids())
+    if limits and options.hard_memory_cap and limits.memory_limit:
+        rlimits["as"] = limits.memory_limit
+    return ChildConfig(role=role, parent_pid=0, env=options.child_env,
+                       cwd=cwd or options.task_cwd, rlimits=rlimits,
+                       user=options.task_user, group=options.task_group)
+
+
+@contextlib.contextmanager
+def task_workdir(options: RunOptions, run_id: str, index: int, attempt: int
+                 ) -> Iterator[str | None]:
+    """A fresh directory per attempt with `--task-workdir tmp`, else the worker's own."""
+    if options.task_workdir != "tmp":
+        yield None
+        return
+    path = tempfile.mkdtemp(prefix=f"perfect-{run_id}-{index}-{attempt}-")
+    if options.task_user is not None:
+        os.chown(path, options.task_user, options.task_group or -1)
+    try:
+        yield path
+    finally:
+        if not options.keep_workdirs:
+            shutil.rmtree(path, ignore_errors=True)
