@@ -387,3 +387,25 @@ def test_run_options_set_task_defaults(write_flows, run_flow) -> None:
     ran = run_flow(write_flows(source), "defaults",
                    options=RunOptions(task_timeout=0.5, kill_grace=0.2))
     assert ran.task("sleepy").note == "timed out after 0.5 s"
+
+
+def test_tables_are_made_json_safe_in_the_child(write_flows, run_flow) -> None:
+    source = """
+    class Thing:
+        def __str__(self):
+            return "a thing"
+
+
+    @task
+    def odd_table():
+        return TaskResult(passed=True, note="n", table=[
+            {"nan": float("nan"), "obj": Thing(), "nested": {1: (1, 2)}}])
+
+
+    @flow("table")
+    def table():
+        odd_table()
+    """
+    ran = run_flow(write_flows(source), "table")
+    assert ran.task("odd_table").table == [{"nan": "nan", "obj": "a thing",
+                                            "nested": {"1": [1, 2]}}]

@@ -456,3 +456,80 @@ def test_a_daemon_in_its_own_session_dies_with_its_task(write_flows, run_flow,
     finally:
         if not is_gone(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+ODD_ENDINGS = """
+class Stubborn(Exception):
+    def __init__(self, a, b):  # cannot be rebuilt from its args alone
+        super().__init__(f"{a}-{b}")
+
+
+class Locked(Exception):
+    def __init__(self):
+        super().__init__("holds a lock")
+        self.lock = __import__("threading").Lock()  # cannot be pickled at all
+
+
+@task(crucial_pass=False)
+def junk_on_channel():
+    os.write(3, b"\\x00\\x00\\x00\\x05\\x00\\x00\\x00\\x00hello")
+    return TaskResult(passed=True)
+
+
+@task(crucial_pass=False)
+def stubborn():
+    raise Stubborn(1, 2)
+
+
+@task
+def locked():
+    raise Locked()
+
+
+@flow("odd endings")
+def odd_endings():
+    junk_on_channel()
+    stubborn()
+    try:
+        locked()
+    except Exception as exc:
+        print(f"flow saw {type(exc).__name__}: {exc}")
+"""
+
+
+def test_protocol_breach_and_unpicklable_exception(write_flows, run_flow) -> None:
+    ran = run_flow(write_flows(ODD_ENDINGS), "odd endings")
+    junk = ran.task("junk_on_channel")
+    assert junk.state == "FAILED"
+    assert junk.note.startswith("broke the runner protocol: malformed frame header")
+    assert ran.task("stubborn").note == "Stubborn: 1-2"
+    assert ran.task("locked").note == "Locked: holds a lock"
+    # That exception could not cross, so the flow body gets TaskFailed with the same note.
+    flow_lines = ran.events.lines(None)
+    assert "flow saw TaskFailed: Task 'locked' failed: Locked: holds a lock" in flow_lines
+
+
+CUSTOM_EXCEPTION = """
+class Stubborn(Exception):
+    def __init__(self, a, b):  # tblib rebuilds it without calling __init__
+        super().__init__(f"{a}-{b}")
+        self.a = a
+
+
+@task
+def stubborn():
+    raise Stubborn(1, 2)
+
+
+@flow("custom exception")
+def custom_exception():
+    try:
+        stubborn()
+    except Stubborn as exc:
+        print(f"flow saw {type(exc).__name__}: {exc} a={exc.a}")
+"""
+
+
+def test_custom_exception_with_its_own_init_crosses(write_flows, run_flow) -> None:
+    ran = run_flow(write_flows(CUSTOM_EXCEPTION), "custom exception")
+    assert "flow saw Stubborn: 1-2 a=1" in ran.events.lines(None)
