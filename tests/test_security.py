@@ -87,3 +87,89 @@ def test_worker_token_reaches_backend_but_no_task(tmp_path: Path) -> None:
     assert_no_token_below(dump, worker.pid)
     assert TOKEN not in output
     assert TOKEN not in "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+
+
+LIMITS_FLOWS = textwrap.dedent('''
+    import os, resource
+    from perfect_runner import task, flow, TaskResult
+
+    @task(crucial_pass=False)
+    def whoami():
+        print(f"uid={os.getuid()} gid={os.getgid()} groups={os.getgroups()}")
+        print(f"cwd={os.getcwd()}")
+        print(f"nofile={resource.getrlimit(resource.RLIMIT_NOFILE)[0]}")
+        print(f"core={resource.getrlimit(resource.RLIMIT_CORE)[0]}")
+        open("written-by-task.txt", "w").write("x")
+
+    @task(crucial_pass=False)
+    def burn():
+        while True:
+            pass
+
+    @flow(name="Identity")
+    def identity():
+        whoami()
+
+    @flow(name="Burn")
+    def burn_flow():
+        burn()
+''')
+
+
+def run_cli(tmp_path: Path, flow: str, *options: str) -> tuple[subprocess.CompletedProcess, str]:
+    module = tmp_path / "limits_flows.py"
+    module.write_text(LIMITS_FLOWS)
+    result = subprocess.run(
+        [sys.executable, "-m", "perfect_runner", "--flows", str(module), "--run", flow,
+         "--reports-dir", str(tmp_path / "r"), "--log-dir", str(tmp_path / "l"), *options],
+        cwd=tmp_path, capture_output=True, text=True, timeout=50)
+    record = next((tmp_path / "r").glob("*.json")).read_text()
+    return result, record + "".join(p.read_text() for p in (tmp_path / "l").glob("*.log"))
+
+
+@pytest.mark.timeout(60)
+def test_fresh_workdir_per_task_and_resource_limits(tmp_path: Path) -> None:
+    result, log = run_cli(tmp_path, "Identity", "--task-workdir", "tmp",
+                          "--max-open-files", "77")
+    assert result.returncode == 0, result.stderr
+    assert "nofile=77" in log and "core=0" in log
+    cwd = next(line for line in log.splitlines() if "cwd=" in line).split("cwd=")[1].strip()
+    assert cwd != str(tmp_path) and "perfect-" in cwd
+    assert not Path(cwd).exists(), "the task's temporary directory is removed afterwards"
+    assert not (tmp_path / "written-by-task.txt").exists()
+
+
+@pytest.mark.timeout(60)
+def test_cpu_limit_is_reported(tmp_path: Path) -> None:
+    result, log = run_cli(tmp_path, "Burn", "--cpu-limit", "1")
+    assert result.returncode == 0  # non-crucial
+    assert "crashed: SIGXCPU (cpu time limit exceeded)" in log
+
+
+@pytest.mark.timeout(60)
+def test_tasks_run_as_task_user(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("--task-user needs the tests to run as root")
+    user = "perfect-test-task"
+    created = subprocess.run(["useradd", "--system", "--no-create-home", user],
+                             capture_output=True).returncode == 0
+    if not created and subprocess.run(["id", user], capture_output=True).returncode != 0:
+        pytest.skip("cannot create a throwaway user here (no useradd)")
+    try:
+        tmp_path.chmod(0o777)
+        result, log = run_cli(tmp_path, "Identity", "--task-user", user)
+        uid = int(subprocess.run(["id", "-u", user], capture_output=True, text=True).stdout)
+        assert result.returncode == 0, result.stderr
+        assert f"uid={uid} " in log
+        assert "groups=[]" in log
+    finally:
+        if created:
+            subprocess.run(["userdel", user], capture_output=True)
+
+
+@pytest.mark.timeout(60)
+def test_root_worker_without_task_user_warns(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only a root worker warns")
+    result, _ = run_cli(tmp_path, "Identity")
+    assert "tasks run as root too" in result.stderr

@@ -154,7 +154,9 @@ def _apply_limits(config: ChildConfig) -> None:
         limit = getattr(resource, f"RLIMIT_{name.upper()}")
         _, hard = resource.getrlimit(limit)
         capped = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(limit, (capped, capped))
+        # CPU: a second of headroom so the soft limit's SIGXCPU is what ends the task.
+        ceiling = capped + 1 if name == "cpu" else capped
+        resource.setrlimit(limit, (capped, ceiling))
     _drop_privileges(config)
 
 
