@@ -407,5 +407,5 @@ def test_tables_are_made_json_safe_in_the_child(write_flows, run_flow) -> None:
         odd_table()
     """
     ran = run_flow(write_flows(source), "table")
-    assert ran.task("odd_table").table == [{"nan": "nan", "obj": "a thing",
+    assert ran.task("odd_table").table == [{"nan": "NaN", "obj": "a thing",
                                             "nested": {"1": [1, 2]}}]
