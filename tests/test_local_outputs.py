@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 from perfect_runner.executor.records import RunRecord, TaskRecord
+from perfect_runner.jsonsafe import json_safe
 from perfect_runner.local.logfile import LogFileListener
-from perfect_runner.local.report_html import jsonable, render_html, write_reports
+from perfect_runner.local.report_html import render_html, write_reports
 from perfect_runner.local.terminal_view import TerminalView, clean_text
 
 HOSTILE = '<script>alert("x")</script>\x1b[2J\x1b]0;pwned\x07&'
@@ -117,7 +118,7 @@ def hostile_run() -> RunRecord:
 
 
 def test_html_escapes_untrusted_text_and_shows_every_task() -> None:
-    page = render_html(jsonable(hostile_run().to_dict()))
+    page = render_html(json_safe(hostile_run().to_dict()))
 
     assert "<script>" not in page and "<b>" not in page
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
@@ -143,9 +144,9 @@ def test_reports_are_written_and_the_json_record_round_trips(tmp_path: Path) -> 
         raise AssertionError(f"not JSON: {constant}")
 
     record = json.loads(json_path.read_text(encoding="utf-8"), parse_constant=refuse)
-    assert record == jsonable(run.to_dict())
+    assert record == json_safe(run.to_dict())
     assert record["task_count"] == 3
-    assert record["tasks"][2]["table"] == [{"nan": "nan", "set": "{1}"}]
+    assert record["tasks"][2]["table"] == [{"nan": "NaN", "set": [1]}]
     assert record["tasks"][0]["table"][1]["breakdown"] == {"north": 1, "<b>": [1, 2]}
     assert render_html(record) == html_path.read_text(encoding="utf-8")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..executor.records import RunRecord
+from ..jsonsafe import json_safe
 
 MAX_HTML_TABLE_ROWS = 1000
 
@@ -72,7 +73,7 @@ def write_reports(run: RunRecord, reports_dir: str | Path) -> tuple[Path, Path]:
     """Write ``<Flow_Name>_<run_id>.html`` and ``.json`` into `reports_dir`."""
     directory = Path(reports_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    record = jsonable(run.to_dict())
+    record = json_safe(run.to_dict())
     stem = f"{_safe_name(run.flow_name)}_{_safe_name(run.run_id)}"
     html_path = directory / f"{stem}.html"
     json_path = directory / f"{stem}.json"
@@ -80,19 +81,6 @@ def write_reports(run: RunRecord, reports_dir: str | Path) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n",
                          encoding="utf-8")
     return html_path, json_path
-
-
-def jsonable(value: Any) -> Any:
-    """`value` with everything JSON cannot hold (NaN, sets, objects...) made a string."""
-    if isinstance(value, dict):
-        return {str(key): jsonable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return str(value)
 
 
 # --- HTML pieces -------------------------------------------------------------------
@@ -201,7 +189,7 @@ def cell_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, dict | list | tuple):
-        return json.dumps(jsonable(value), separators=(",", ":"), ensure_ascii=False)
+        return json.dumps(json_safe(value), separators=(",", ":"), ensure_ascii=False)
     return str(value)
 
 

@@ -28,18 +28,19 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import requests
 
+from ..jsonsafe import json_safe
+
 log = logging.getLogger("perfect_runner.transport")
 
 DEFAULT_MAX_BODY = 1024 * 1024
 MAX_ID_LEN = 256
-_MAX_DEPTH = 64
 
 
 class ApiStatus(enum.Enum):
@@ -89,42 +90,6 @@ def _short(value: Any, limit: int = 300) -> str:
 
 
 # -- JSON safety -------------------------------------------------------------
-
-
-def json_safe(value: Any, _depth: int = 0) -> Any:
-    """A copy of `value` that `json.dumps(..., allow_nan=False)` always accepts.
-
-    NaN and infinities become the strings "NaN", "Infinity", "-Infinity" (a
-    table cell keeps its meaning); mappings get string keys; sequences and sets
-    become lists; bytes are decoded; anything else becomes `str(value)`.
-    Nesting deeper than 64 levels (or a cycle) is cut off as a string.
-    """
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else _non_finite(value)
-    if _depth >= _MAX_DEPTH:
-        return "<nested too deep>"
-    if isinstance(value, Mapping):
-        return {_key(k): json_safe(v, _depth + 1) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [json_safe(v, _depth + 1) for v in value]
-    if isinstance(value, bytes | bytearray):
-        return bytes(value).decode("utf-8", errors="replace")
-    try:
-        return str(value)
-    except Exception:  # a broken __str__ must not stop a state update
-        return f"<unprintable {type(value).__name__}>"
-
-
-def _non_finite(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    return "Infinity" if value > 0 else "-Infinity"
-
-
-def _key(key: Any) -> str:
-    return key if isinstance(key, str) else str(json_safe(key))
 
 
 def dumps(payload: Any) -> bytes:
