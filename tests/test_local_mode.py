@@ -150,3 +150,22 @@ def test_module_raising_at_import(write_flows, tmp_path: Path) -> None:
 def test_no_flows_option(tmp_path: Path) -> None:
     line = one_line_error(cli(tmp_path, "--run-all"))
     assert "no flows module given" in line
+
+
+def test_max_result_size_option(write_flows, tmp_path: Path) -> None:
+    path = write_flows("""
+    @task
+    def big():
+        return b"x" * 3_000_000
+
+
+    @flow("Big Result")
+    def big_result():
+        big()
+    """, name="big_result")
+    result = cli(tmp_path, "--flows", str(path), "--run-all", "--max-result-size", "1MiB")
+    assert result.code == 1, result.stdout + result.stderr
+    (json_path,) = (tmp_path / "reports").glob("Big_Result_*.json")
+    (task,) = json.loads(json_path.read_text(encoding="utf-8"))["tasks"]
+    assert task["note"] == ("result of task 'big' is 2.9 MiB, over the result size cap "
+                            "of 1.0 MiB")
