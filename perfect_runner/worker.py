@@ -68,6 +68,7 @@ class Worker:
         self.runs: dict[str, FlowRun] = {}
         self.threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._runs_changed = threading.Condition(self._lock)
 
     # --- start-up ---------------------------------------------------------
 
@@ -179,8 +180,9 @@ class Worker:
         try:
             return run.execute()
         finally:
-            with self._lock:
+            with self._runs_changed:
                 self.runs.pop(run_id, None)
+                self._runs_changed.notify_all()
 
     def _register_again(self, flow_name: str) -> None:
         # A triggered run removes the flow from the backend's library; put it back.
@@ -214,15 +216,18 @@ class Worker:
 
     # --- shutdown ---------------------------------------------------------
 
-    def shutdown(self) -> None:
-        """Stop polling, give runs the grace, stop the rest, flush briefly."""
-        self.stop.set()
-        deadline = time.monotonic() + self.args.shutdown_grace
-        self._join_runs(deadline)
-        with self._lock:
+    def stop_runs(self) -> None:
+        """Give running runs the shutdown grace, then stop the rest ("worker stopped")."""
+        with self._runs_changed:
+            self._runs_changed.wait_for(lambda: not self.runs, self.args.shutdown_grace)
             running = list(self.runs.values())
         for run in running:
             run.cancel("worker stopped", Kind.WORKER_STOPPED)
+
+    def shutdown(self) -> None:
+        """Stop polling, stop the runs, flush briefly."""
+        self.stop.set()
+        self.stop_runs()
         self._join_runs(time.monotonic() + 1.0)
         lost = self.backend.close(FLUSH_ON_EXIT)
         if lost:
@@ -278,6 +283,8 @@ def _install_signal_handlers(worker: Worker) -> None:
             os._exit(130)  # a second Ctrl-C: now (children die with us)
         log.info("got %s: stopping", signal.Signals(signum).name)
         worker.stop.set()
+        # Runs may be on this very thread (--run): stop them from another one.
+        threading.Thread(target=worker.stop_runs, name="stopper", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
