@@ -409,3 +409,40 @@ def test_tables_are_made_json_safe_in_the_child(write_flows, run_flow) -> None:
     ran = run_flow(write_flows(source), "table")
     assert ran.task("odd_table").table == [{"nan": "NaN", "obj": "a thing",
                                             "nested": {"1": [1, 2]}}]
+
+
+WORKER_RETRIES = '''
+import os
+from pathlib import Path
+from perfect_runner import task, flow, TaskResult
+
+def attempt(name):
+    counter = Path(os.environ["COUNTER_DIR"], name)
+    n = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(n))
+    return TaskResult(passed=n > 1)
+
+@task(crucial_pass=False)
+def inherits():
+    return attempt("inherits")
+
+@task(crucial_pass=False, retries=0)
+def never_retried():
+    return attempt("never")
+
+@flow(name="retry defaults")
+def retry_defaults():
+    inherits()
+    never_retried()
+'''
+
+
+def test_explicit_retries_0_overrides_the_worker_default(tmp_path, monkeypatch, run_flow,
+                                                       write_flows):
+    monkeypatch.setenv("COUNTER_DIR", str(tmp_path))
+    from perfect_runner.executor.options import RunOptions
+
+    ran = run_flow(write_flows(WORKER_RETRIES), "retry defaults",
+                   options=RunOptions(retries=1))
+    states = {t.name: (t.state, t.attempts) for t in ran.record.tasks}
+    assert states == {"inherits": ("COMPLETED", 2), "never_retried": ("FAILED", 1)}

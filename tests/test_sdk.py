@@ -58,8 +58,9 @@ def test_task_definitions_carry_their_options() -> None:
     definition = plain.__perfect_task__
     assert definition.name == "plain"
     assert definition.description == "Adds two numbers."
-    assert (definition.estimated_time, definition.crucial_pass, definition.retries) == (1000,
-                                                                                        True, 0)
+    # retries unset: the worker-wide --retries applies (an explicit 0 would override it).
+    assert (definition.estimated_time, definition.crucial_pass, definition.retries) == (
+        1000, True, None)
     options = named.__perfect_task__.options()
     assert options == {
         "key": f"{__name__}:named", "name": "Named Task", "description": "explicit",

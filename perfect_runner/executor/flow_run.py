@@ -164,8 +164,8 @@ class FlowRun:
     def _attempts(self, task: TaskRecord, call: CallTask, args_blob: bytes,
                   flow: ChildProcess) -> Outcome:
         meta = self.tasks_meta.get(call.key, {})
-        retries = meta.get("retries") or self.options.retries
-        delay = meta.get("retry_delay") or self.options.retry_delay
+        retries = _option(meta, "retries", self.options.retries)
+        delay = _option(meta, "retry_delay", self.options.retry_delay)
         started = time.monotonic()
         for attempt in range(1, retries + 2):
             task.attempts = attempt
@@ -300,3 +300,9 @@ class FlowRun:
 
     def _flow_output(self, stream: str, lines: list[str]) -> None:
         self.listener.task_output(self.run, None, stream, lines)
+
+
+def _option(meta: dict[str, Any], name: str, default: Any) -> Any:
+    """A task's own option when it set one (0 included), else the worker-wide default."""
+    value = meta.get(name)
+    return default if value is None else value

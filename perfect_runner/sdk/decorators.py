@@ -20,8 +20,8 @@ def task(
     weight: int = 1,
     timeout: float | None = None,
     memory_limit: int | str | None = None,
-    retries: int = 0,
-    retry_delay: float = 0.0,
+    retries: int | None = None,
+    retry_delay: float | None = None,
 ) -> Any:
     """Mark a function as a task; each call in a flow run gets its own process.
 
@@ -42,8 +42,8 @@ def task(
             crucial_pass=bool(crucial_pass),
             timeout=_optional_seconds("timeout", timeout),
             memory_limit=parse_size(memory_limit),
-            retries=_non_negative_int("retries", retries),
-            retry_delay=_optional_seconds("retry_delay", retry_delay) or 0.0,
+            retries=None if retries is None else _non_negative_int("retries", retries),
+            retry_delay=_optional_seconds("retry_delay", retry_delay),
         )
         get_registry().add_task(definition)
 

@@ -20,8 +20,8 @@ class TaskDefinition:
     crucial_pass: bool = True
     timeout: float | None = None
     memory_limit: int | None = None
-    retries: int = 0
-    retry_delay: float = 0.0
+    retries: int | None = None  # None: the worker's --retries
+    retry_delay: float | None = None
 
     def options(self) -> dict[str, Any]:
         """The task's metadata as JSON-safe values, for the control process."""
