@@ -326,7 +326,11 @@ class NoopFlows:
         self.executor.close()
 
 
-def print_rows(rows: Sequence[Row], title: str = "Targets") -> str:
+def print_rows(rows: Sequence[Row], title: str = "Targets", width: int = 44) -> str:
+    """The target-vs-measured table; long cells are cut to `width` characters."""
+    def cut(text: str) -> str:
+        return text if len(text) <= width else text[: width - 1] + "~"
+
     return print_table(title, ["item", "metric", "target", "measured", "verdict"],
-                       [[r.item, r.metric, r.target, r.measured, r.verdict] for r in rows],
-                       align="lllll")
+                       [[cut(r.item), cut(r.metric), cut(r.target), cut(r.measured), r.verdict]
+                        for r in rows], align="lllll")
