@@ -171,6 +171,11 @@ def _drop_privileges(config: ChildConfig) -> None:
         os.setuid(config.user)
 
 
+def preload_roles() -> None:
+    """Import the child-side code once in the fork server, not in every child."""
+    from . import flow_child, task_child  # noqa: F401
+
+
 def _role_entry(role: str) -> Callable[[socket.socket], int]:
     if role == "task":
         from .task_child import run_task

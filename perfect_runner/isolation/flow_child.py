@@ -14,8 +14,6 @@ import threading
 import traceback
 from typing import Any
 
-from tblib import pickling_support
-
 from ..sdk import runtime
 from ..sdk.errors import TaskFailed
 from ..sdk.registry import TaskDefinition, get_registry
@@ -88,7 +86,6 @@ def _unpicklable_part(args: tuple, kwargs: dict) -> str:
 
 
 def run_flow(chan: socket.socket) -> int:
-    pickling_support.install()
     start, _ = recv_message(chan)
     if not isinstance(start, StartFlow):
         raise TypeError(f"expected start_flow, got {start.TYPE}")

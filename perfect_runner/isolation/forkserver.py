@@ -30,7 +30,7 @@ import signal
 import socket
 import sys
 
-from .child_bootstrap import ChildConfig, become_child
+from .child_bootstrap import ChildConfig, become_child, preload_roles
 from .loader import ModuleLoadError, describe, load_modules
 from .oskit import become_subreaper, close_quietly, die_with_parent, signal_group
 from .proctree import direct_children, kill_tree
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             return 3
     if args.describe_only:
         return 0
+    preload_roles()
     _flush_std()
     ForkServer(socket.socket(fileno=args.control_fd)).serve()
     return 0

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from .child_bootstrap import EXIT_BOOTSTRAP, ChildConfig, become_child
+from .child_bootstrap import EXIT_BOOTSTRAP, ChildConfig, become_child, preload_roles
 from .loader import ModuleLoadError, load_modules
 
 
@@ -23,6 +23,7 @@ def main() -> None:
     except ModuleLoadError as exc:
         os.write(err_fd, f"perfect_runner: {exc}\n".encode(errors="replace"))
         os._exit(EXIT_BOOTSTRAP)
+    preload_roles()
     become_child(ChildConfig(**spec["config"]), out_fd, err_fd, chan_fd)
 
 

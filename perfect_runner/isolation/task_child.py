@@ -63,7 +63,6 @@ def _soft_stop(signum: int, frame: object) -> None:
 
 
 def run_task(chan: socket.socket) -> int:
-    pickling_support.install()
     signal.signal(SOFT_STOP_SIGNAL, _soft_stop)
     request, blob = recv_message(chan)
     if not isinstance(request, RunTask):
