@@ -164,6 +164,7 @@ class Worker:
         try:
             if request.flow_name in self.executor.flows:
                 self.execute(request.flow_name, request.run_id)
+                self._await_delivery(request.run_id)
                 if not self.stop.is_set():
                     self._register_again(request.flow_name)
             else:
@@ -183,6 +184,14 @@ class Worker:
             with self._runs_changed:
                 self.runs.pop(run_id, None)
                 self._runs_changed.notify_all()
+
+    def _await_delivery(self, run_id: str) -> None:
+        # The slot stays taken until the backend has heard how the run ended (its
+        # sender drained): a worker at --concurrency 1 never polls with a run unfinished
+        # on the backend, and the flow is back in the library only after its run ended.
+        sender = self.backend.sender(run_id)
+        while sender is not None and not sender.join(0.2) and not self.stop.is_set():
+            pass
 
     def _register_again(self, flow_name: str) -> None:
         # A triggered run removes the flow from the backend's library; put it back.
