@@ -32,7 +32,8 @@ class ChildProcess:
 
     def __init__(self, launcher: Launcher, config: ChildConfig, loop: SelectorLoop,
                  on_output: OutputHandler, max_blob: int = DEFAULT_MAX_BLOB,
-                 max_line: int = DEFAULT_MAX_LINE, stderr_tail: int = 5) -> None:
+                 max_line: int = DEFAULT_MAX_LINE, stderr_tail: int = 5,
+                 first_frame: tuple[Message, bytes] | None = None) -> None:
         self.loop = loop
         self.on_output = on_output
         self.frames: deque[tuple[Message, bytes]] = deque()
@@ -42,6 +43,7 @@ class ChildProcess:
         self._reader = FrameReader(max_blob)
         self._splitters = {"stdout": LineSplitter(max_line), "stderr": LineSplitter(max_line)}
         self._max_blob = max_blob
+        self._greeting = encode_frame(*first_frame, max_blob) if first_frame else b""
         self.handle = self._spawn(launcher, config)
         self.pid = self.handle.pid
         self._register()
@@ -50,6 +52,9 @@ class ChildProcess:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         chan, chan_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The first frame waits in the socket buffer, so the child reads it at once
+        # instead of waiting for us to hear that it exists.
+        self._greeting = self._greeting[_send_some(chan, self._greeting):]
         for fd in (out_r, err_r):
             _enlarge_pipe(fd)
         try:
@@ -65,6 +70,8 @@ class ChildProcess:
             chan_child.close()
         self._fds = {"stdout": out_r, "stderr": err_r}
         self.chan = chan
+        if self._greeting:
+            self._send_raw(self._greeting)
         return handle
 
     def _register(self) -> None:
@@ -77,7 +84,9 @@ class ChildProcess:
 
     def send(self, message: Message, blob: bytes = b"") -> bool:
         """Send a frame; False when the child is already gone."""
-        data = encode_frame(message, blob, self._max_blob)
+        return self._send_raw(encode_frame(message, blob, self._max_blob))
+
+    def _send_raw(self, data: bytes) -> bool:
         try:
             self.chan.setblocking(True)
             self.chan.sendall(data)
@@ -152,6 +161,17 @@ class ChildProcess:
         self.chan.close()
         self.loop.remove(self.handle.pidfd)
         self.handle.close()
+
+
+def _send_some(sock: socket.socket, data: bytes) -> int:
+    """Write what fits without blocking; how many bytes went."""
+    if not data:
+        return 0
+    sock.setblocking(False)
+    try:
+        return sock.send(data)
+    except BlockingIOError:
+        return 0
 
 
 def _telling(lines: list[str]) -> list[str]:

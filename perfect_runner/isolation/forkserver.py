@@ -8,11 +8,15 @@ millisecond, and no child re-imports user code.
 
 Control socket (SOCK_SEQPACKET, one JSON object per packet):
 
-    control -> server  {"op": "spawn", "id": n, "config": ChildConfig}
-                       with fds [stdout_w, stderr_w, channel] attached
-    server -> control  {"op": "spawned", "id": n, "pid": p} with [pidfd] attached
-                       {"op": "spawn_failed", "id": n, "error": "..."}
-                       {"op": "exited", "pid": p, "status": raw, "maxrss": bytes}
+    control -> server  {"op": "spawn", "config": ChildConfig}
+                       with fds [stdout_w, stderr_w, channel, reply] attached
+
+Each spawn brings its own `reply` socket (SOCK_SEQPACKET), on which the server
+answers that spawn and nothing else:
+
+    server -> control  {"op": "spawned", "pid": p} with [pidfd] attached,
+                       later {"op": "exited", "status": raw, "maxrss": bytes}
+                       or {"op": "spawn_failed", "error": "..."}
 
 The server is a child subreaper: grandchildren that double-fork out of a task
 are reparented here, reaped here, and never escape to init. It dies with the
@@ -72,7 +76,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 class ForkServer:
     def __init__(self, control: socket.socket) -> None:
         self.control = control
-        self.children: set[int] = set()
+        self.children: dict[int, socket.socket] = {}  # pid -> its reply socket
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -93,37 +97,39 @@ class ForkServer:
 
     def _on_request(self) -> bool:
         try:
-            data, fds, _, _ = socket.recv_fds(self.control, MAX_PACKET, 3)
+            data, fds, _, _ = socket.recv_fds(self.control, MAX_PACKET, 4)
         except ConnectionResetError:
             return False
         if not data:
             return False
         request = json.loads(data)
-        if request.get("op") == "spawn" and len(fds) == 3:
-            self._spawn(request, fds)
+        if request.get("op") == "spawn" and len(fds) == 4:
+            self._spawn(request, fds[:3], socket.socket(fileno=fds[3]))
         else:
             for fd in fds:
                 close_quietly(fd)
         return True
 
-    def _spawn(self, request: dict, fds: list[int]) -> None:
+    def _spawn(self, request: dict, fds: list[int], reply: socket.socket) -> None:
         config = ChildConfig(**{**request["config"], "parent_pid": os.getpid()})
         try:
             pid = os.fork()
         except OSError as exc:
             for fd in fds:
                 close_quietly(fd)
-            self._send({"op": "spawn_failed", "id": request["id"], "error": str(exc)})
+            _send(reply, {"op": "spawn_failed", "error": str(exc)})
+            reply.close()
             return
         if pid == 0:
             self.control.close()
+            reply.close()
             become_child(config, *fds)
         for fd in fds:
             close_quietly(fd)
-        self.children.add(pid)
+        self.children[pid] = reply
         pidfd = os.pidfd_open(pid)
         try:
-            self._send({"op": "spawned", "id": request["id"], "pid": pid}, [pidfd])
+            _send(reply, {"op": "spawned", "pid": pid}, [pidfd])
         finally:
             os.close(pidfd)
 
@@ -140,10 +146,10 @@ class ForkServer:
                 return True
             if pid == 0:
                 return True
-            if pid in self.children:
-                self.children.discard(pid)
-                maxrss = usage.ru_maxrss * 1024
-                self._send({"op": "exited", "pid": pid, "status": status, "maxrss": maxrss})
+            reply = self.children.pop(pid, None)
+            if reply is not None:
+                _send(reply, {"op": "exited", "status": status, "maxrss": usage.ru_maxrss * 1024})
+                reply.close()
                 self._kill_orphans()
 
     def _kill_orphans(self) -> None:
@@ -157,15 +163,16 @@ class ForkServer:
             if pid not in self.children:
                 kill_tree(pid)
 
-    def _send(self, message: dict, fds: list[int] | None = None) -> None:
-        try:
-            socket.send_fds(self.control, [json.dumps(message).encode()], fds or [])
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the control process is gone; the loop ends at its EOF
-
     def _kill_children(self) -> None:
         for pid in list(self.children):
             signal_group(pid, signal.SIGKILL)
+
+
+def _send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> None:
+    try:
+        socket.send_fds(sock, [json.dumps(message).encode()], fds or [])
+    except OSError:
+        pass  # the control process no longer listens for this child
 
 
 def _flush_std() -> None:

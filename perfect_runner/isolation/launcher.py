@@ -28,6 +28,7 @@ from .child_bootstrap import ChildConfig
 from .oskit import close_quietly
 
 START_METHODS = ("forkserver", "spawn")
+MAX_REPLY = 4096
 
 
 class LaunchError(Exception):
@@ -122,59 +123,30 @@ class ForkServerLauncher:
         self.server_pid: int | None = self.proc.pid
         self.metadata = _read_metadata(meta_r, self.proc)
         self._send_lock = threading.Lock()
-        self._cond = threading.Condition()
-        self._next_id = 0
-        self._spawned: dict[int, tuple[int, int] | str] = {}
-        self._exits: dict[int, ExitInfo] = {}
-        self._dead = False
-        threading.Thread(target=self._read_replies, name="forkserver-reader", daemon=True).start()
 
     def spawn(self, config: ChildConfig, fds: tuple[int, int, int]) -> ChildHandle:
-        with self._cond:
-            self._next_id += 1
-            request_id = self._next_id
+        # Each child gets a private reply socket: the caller's thread reads its own
+        # answers (pid, then exit status) with no dispatcher thread in between.
+        reply, reply_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         payload = {k: v for k, v in config.to_json().items() if k != "parent_pid"}
-        message = json.dumps({"op": "spawn", "id": request_id, "config": payload}).encode()
-        with self._send_lock:
-            try:
-                socket.send_fds(self.control, [message], list(fds))
-            except OSError as exc:
-                raise LaunchError(f"fork server is gone: {exc}") from None
-        with self._cond:
-            self._cond.wait_for(lambda: request_id in self._spawned or self._dead)
-            reply = self._spawned.pop(request_id, "fork server exited")
-        if isinstance(reply, str):
-            raise LaunchError(f"could not start a child process: {reply}")
-        pid, pidfd = reply
-        return _ForkedChild(self, pid, pidfd)
-
-    def wait_exit(self, pid: int, timeout: float) -> ExitInfo:
-        with self._cond:
-            self._cond.wait_for(lambda: pid in self._exits or self._dead, timeout)
-            return self._exits.pop(pid, ExitInfo(None))
-
-    def _read_replies(self) -> None:
-        while True:
-            try:
-                data, fds, _, _ = socket.recv_fds(self.control, 65536, 1)
-            except OSError:
-                data, fds = b"", []
-            if not data:
-                break
-            self._dispatch(json.loads(data), fds)
-        with self._cond:
-            self._dead = True
-            self._cond.notify_all()
-
-    def _dispatch(self, reply: dict[str, Any], fds: list[int]) -> None:
-        with self._cond:
-            if reply["op"] == "spawned":
-                self._spawned[reply["id"]] = (reply["pid"], fds[0])
-            elif reply["op"] == "spawn_failed":
-                self._spawned[reply["id"]] = reply["error"]
-            elif reply["op"] == "exited":
-                self._exits[reply["pid"]] = ExitInfo(reply["status"], reply.get("maxrss", 0))
-            self._cond.notify_all()
+        message = json.dumps({"op": "spawn", "config": payload}).encode()
+        try:
+            with self._send_lock:
+                socket.send_fds(self.control, [message], [*fds, reply_child.fileno()])
+        except OSError as exc:
+            reply.close()
+            raise LaunchError(f"fork server is gone: {exc}") from None
+        finally:
+            reply_child.close()
+        try:
+            data, pidfds, _, _ = socket.recv_fds(reply, MAX_REPLY, 1)
+        except OSError:
+            data, pidfds = b"", []
+        answer = json.loads(data) if data else {"op": "spawn_failed", "error": "fork server exited"}
+        if answer["op"] != "spawned" or not pidfds:
+            reply.close()
+            raise LaunchError(f"could not start a child process: {answer.get('error')}")
+        return _ForkedChild(answer["pid"], pidfds[0], reply)
 
     def close(self) -> None:
         try:
@@ -190,17 +162,27 @@ class ForkServerLauncher:
 
 
 class _ForkedChild:
-    def __init__(self, launcher: ForkServerLauncher, pid: int, pidfd: int) -> None:
-        self.launcher = launcher
+    def __init__(self, pid: int, pidfd: int, reply: socket.socket) -> None:
         self.pid = pid
         self.pidfd = pidfd
+        self.reply = reply
 
     def exit_info(self, timeout: float) -> ExitInfo:
-        return self.launcher.wait_exit(self.pid, timeout)
+        """The fork server reaps the child and sends its status on the reply socket."""
+        self.reply.settimeout(timeout)
+        try:
+            data = self.reply.recv(MAX_REPLY)
+        except OSError:
+            data = b""
+        if not data:
+            return ExitInfo(None)
+        answer = json.loads(data)
+        return ExitInfo(answer["status"], answer.get("maxrss", 0))
 
     def close(self) -> None:
         close_quietly(self.pidfd)
         self.pidfd = -1
+        self.reply.close()
 
 
 class SpawnLauncher:

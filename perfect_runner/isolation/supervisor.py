@@ -86,11 +86,11 @@ class TaskSupervisor:
     def run(self, request: RunTask, args_blob: bytes) -> Outcome:
         try:
             child = ChildProcess(self.launcher, self.config, self.loop, self.on_output,
-                                 max_blob=self.limits.max_result + 1024 * 1024)
+                                 max_blob=self.limits.max_result + 1024 * 1024,
+                                 first_frame=(request, args_blob))
         except LaunchError as exc:
             return Outcome(Kind.START_FAILED, detail=str(exc))
         try:
-            child.send(request, args_blob)
             self._watch(child)
             kill_tree(child.pid)  # whatever the task left behind dies with it
             child.drain()
