@@ -27,6 +27,7 @@ the control socket closes.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import selectors
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.describe_only:
         return 0
     preload_roles()
+    # Children share our heap copy-on-write; keep their garbage collector off it.
+    gc.freeze()
     _flush_std()
     ForkServer(socket.socket(fileno=args.control_fd)).serve()
     return 0
