@@ -126,7 +126,9 @@ class ExecutionRequest:
 
 
 def _checked_text(data: dict[str, Any], key: str, allow_empty: bool = False) -> str:
-    value = data.get(key)
+    if key not in data:
+        raise BadRequest(f"execution request field {key!r} is missing")
+    value = data[key]
     if not isinstance(value, str):
         raise BadRequest(f"execution request field {key!r} is not a string: {_short(value, 80)!r}")
     if not value and not allow_empty:
