@@ -7,15 +7,15 @@ Three views of one no-op task call:
 1. Control process: cProfile of `FlowRun.execute` over N calls (default
    start method). Time inside epoll/lock waits is time spent waiting for the
    fork server or the task process.
-2. Task process: a harness that is set up like the fork server (it imports
-   `perfect_runner.isolation.forkserver` and preloads the flows module, and
-   nothing else of the runner) forks, and the child runs the real
+2. Task process: a harness set up the way `forkserver.main` sets up the fork
+   server (imports `perfect_runner.isolation.forkserver`, loads the flows
+   module, `child_bootstrap.preload_roles()` and `gc.freeze()` when the
+   runner has them) forks, and the child runs the real
    `child_bootstrap.become_child` under cProfile, answering one RunTask frame
-   built by hand (so the harness does not import `protocol` itself). Phases
-   are timed from the harness: fork, fork -> reply, reply -> reaped.
-3. The same harness after pre-importing `perfect_runner.isolation.task_child`
-   in the parent, i.e. what a child would cost if the fork server had
-   imported it once.
+   built by hand (so the harness itself imports nothing more). Phases are
+   timed from the harness: fork, fork -> reply, reply -> reaped.
+3. The same harness without the preload, i.e. every child imports the
+   child-side code itself (what the runner did before it preloaded).
 """
 
 from __future__ import annotations
@@ -116,14 +116,19 @@ def _one_child(key: str, profile_path: str | None) -> tuple[float, float, float]
     return forked - start, replied - forked, reaped - replied
 
 
-def child_side(module: str, calls: int, top: int, preimport: bool) -> None:
+def child_side(module: str, calls: int, top: int, preload: bool) -> None:
     """Runs in a fresh interpreter set up like the fork server."""
+    import gc
+
     import perfect_runner.isolation.forkserver  # noqa: F401 - what the fork server imports
+    from perfect_runner.isolation import child_bootstrap
     from perfect_runner.isolation.loader import load_modules
 
     load_modules([module])
-    if preimport:
-        import perfect_runner.isolation.task_child  # noqa: F401
+    if preload and hasattr(child_bootstrap, "preload_roles"):
+        child_bootstrap.preload_roles()
+    if preload:
+        gc.freeze()
     key = f"{os.path.splitext(os.path.basename(module))[0]}:noop"
     for _ in range(5):
         _one_child(key, None)  # warm-up
@@ -135,9 +140,9 @@ def child_side(module: str, calls: int, top: int, preimport: bool) -> None:
         stats = pstats.Stats(files[0])
         for path in files[1:]:
             stats.add(path)
-    what = "task_child pre-imported in the parent" if preimport else "fork-server-like parent"
+    what = "parent set up like the fork server" if preload else "no preload of the child code"
     fork, run, reap = (statistics.median(p[i] for p in phases) * 1000 for i in range(3))
-    print(f"== {3 if preimport else 2}. task process, {what}: {calls} children; median "
+    print(f"== {2 if preload else 3}. task process, {what}: {calls} children; median "
           f"fork {fork:.2f} ms, fork->reply {run:.2f} ms, reply->reaped {reap:.2f} ms, "
           f"total {fork + run + reap:.2f} ms ==")
     print(f"(child-side cProfile below: {len(files)} children, per-child times)")
@@ -164,11 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--top", type=int, default=30)
-    parser.add_argument("--child-side", choices=["plain", "preimport"], help=argparse.SUPPRESS)
+    parser.add_argument("--child-side", choices=["preload", "plain"], help=argparse.SUPPRESS)
     parser.add_argument("--module", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_side:
-        child_side(args.module, args.calls, args.top, args.child_side == "preimport")
+        child_side(args.module, args.calls, args.top, args.child_side == "preload")
         return
     # Imported here: the child-side harness must not import the runner's modules.
     import common
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     module = common.noop_flows_module(common.work_dir("profile"))
     control_side(module, args.calls, args.top)
     sys.stdout.flush()
-    for mode in ("plain", "preimport"):
+    for mode in ("preload", "plain"):
         # A fresh interpreter: this one has imported the whole runner.
         os.spawnv(os.P_WAIT, sys.executable, [
             sys.executable, "-c",
