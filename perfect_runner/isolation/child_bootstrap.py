@@ -20,6 +20,7 @@ runner's own code, so the supervisor can tell them from a task's `os._exit`.
 
 from __future__ import annotations
 
+import _signal
 import faulthandler
 import io
 import os
@@ -103,11 +104,16 @@ def _kill_leftovers(limit: float = 2.0) -> None:
 
 
 def _reset_signals() -> None:
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    # The C-level _signal skips the enum wrapping of `signal`: this runs in every child.
+    _signal.set_wakeup_fd(-1)
+    for sig in _DEFAULT_SIGNALS:
+        _signal.signal(sig, _signal.SIG_DFL)
+    _signal.signal(signal.SIGINT, _signal.default_int_handler)
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, [])
+
+
+_DEFAULT_SIGNALS = tuple(int(s) for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP,
+                                           signal.SIGUSR1, signal.SIGUSR2))
 
 
 def _wire_fds(out_fd: int, err_fd: int, chan_fd: int) -> int:

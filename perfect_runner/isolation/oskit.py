@@ -11,11 +11,14 @@ PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 
-_libc = ctypes.CDLL(None, use_errno=True)
+# Looked up once, in the fork server: children call it right after fork.
+_prctl_fn = ctypes.CDLL(None, use_errno=True).prctl
+_prctl_fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                      ctypes.c_ulong]
 
 
 def _prctl(option: int, value: int) -> bool:
-    return _libc.prctl(option, value, 0, 0, 0) == 0
+    return _prctl_fn(option, value, 0, 0, 0) == 0
 
 
 def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:

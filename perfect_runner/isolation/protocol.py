@@ -54,7 +54,7 @@ import json
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 PREFIX = struct.Struct(">II")
@@ -82,7 +82,8 @@ class Message:
         Message.registry[cls.TYPE] = cls
 
     def header(self) -> dict[str, Any]:
-        return {"type": self.TYPE, **asdict(self)}
+        # Shallow: fields are JSON values already, and this runs twice per task.
+        return {"type": self.TYPE, **self.__dict__}
 
 
 # --- task channel -------------------------------------------------------------

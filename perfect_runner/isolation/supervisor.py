@@ -91,12 +91,13 @@ class TaskSupervisor:
         except LaunchError as exc:
             return Outcome(Kind.START_FAILED, detail=str(exc))
         try:
-            self._watch(child)
-            kill_tree(child.pid)  # whatever the task left behind dies with it
+            try:
+                self._watch(child)
+            finally:
+                kill_tree(child.pid)  # whatever the task left behind dies with it
             child.drain()
             return self._outcome(child)
         finally:
-            kill_tree(child.pid)
             child.close()
 
     def _watch(self, child: ChildProcess) -> None:
