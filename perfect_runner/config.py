@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Without --run/--run-all/--list it is a worker serving the backend at --server. "
         "Every option can also be set as PERFECT_<OPTION> (e.g. PERFECT_CONCURRENCY=2).",
     )
-    add = p.add_argument
+    add = p.add_argument_group("what to run").add_argument
     add("--flows", action="append", metavar="MODULE", default=None,
         help="flows module: dotted name or path to a .py file (repeatable) [PERFECT_FLOWS, "
         "comma-separated]")
@@ -39,32 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--run", action="append", metavar="FLOW", default=[],
         help="run this flow (repeatable); local mode unless --server is given")
     add("--run-all", action="store_true", help="run every flow (local mode unless --server)")
-    add("--server", default=None, metavar="URL",
-        help=f"Perfect backend URL [PERFECT_SERVER_URL, default {DEFAULT_SERVER} in worker mode]")
-    add("--concurrency", type=int, default=int(_env("CONCURRENCY", 1)),
-        help="flow runs at once (default 1)")
     add("--start-method", choices=("forkserver", "spawn"),
         default=_env("START_METHOD", "forkserver"),
         help="how task processes start: forkserver (default; a small fork server with the "
         "flows modules preloaded) or spawn (a fresh interpreter per process)")
-    add("--task-timeout", type=float, default=_float_env("TASK_TIMEOUT"), metavar="SECONDS",
-        help="default task timeout in seconds (default none)")
-    add("--memory-limit", default=_env("MEMORY_LIMIT"), metavar="SIZE",
-        help="default task memory limit, e.g. 512MB (default none)")
-    add("--retries", type=int, default=int(_env("RETRIES", 0)),
-        help="default retries of a failed task (default 0)")
-    add("--retry-delay", type=float, default=float(_env("RETRY_DELAY", 0)), metavar="SECONDS",
-        help="default pause between attempts (default 0)")
-    add("--kill-grace", type=float, default=float(_env("KILL_GRACE", 2.0)), metavar="SECONDS",
-        help="after a timeout, how long a task may clean up before SIGKILL (default 2)")
-    add("--max-procs", type=int, default=_int_env("MAX_PROCS"), metavar="N",
-        help="most processes one task's tree may have; more (a fork bomb) kills the task "
-        "(default none)")
-    add("--hard-memory-cap", action="store_true", default=bool(_env("HARD_MEMORY_CAP")),
-        help="also cap each task's address space at its memory limit (RLIMIT_AS), for "
-        "allocations faster than the 50 ms RSS sampling")
-    add("--max-result-size", default=_env("MAX_RESULT_SIZE", str(DEFAULT_MAX_RESULT)),
-        metavar="SIZE", help="largest task result or argument payload (default 64MiB)")
+    add = p.add_argument_group("worker mode (a Perfect backend)").add_argument
+    add("--server", default=None, metavar="URL",
+        help=f"Perfect backend URL [PERFECT_SERVER_URL, default {DEFAULT_SERVER} in worker mode]")
+    add("--concurrency", type=int, default=int(_env("CONCURRENCY", 1)),
+        help="flow runs at once (default 1)")
     add("--progress-interval", type=float, default=float(_env("PROGRESS_INTERVAL", 0.5)),
         metavar="SECONDS", help="RUNNING updates per task at most this often (default 0.5)")
     add("--shutdown-grace", type=float, default=float(_env("SHUTDOWN_GRACE", 3.0)),
@@ -75,10 +58,41 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-log-entries", type=int, default=int(_env("MAX_LOG_ENTRIES", 2000)),
         help="log entries per run sent to the backend; the rest stays in the local "
         "log file (default 2000)")
-    add("--log-dir", default=_env("LOG_DIR", "perfect-logs"),
-        help="where every run's complete log is written (default ./perfect-logs)")
-    add("--reports-dir", default=_env("REPORTS_DIR", "reports"),
-        help="where local mode writes HTML and JSON reports (default ./reports)")
+    add("--token", default=_env("TOKEN"), help="sent as 'Authorization: Bearer ...' on every "
+        "request (for a backend behind an authenticating proxy); never logged, never passed "
+        "to tasks [PERFECT_TOKEN]")
+    add("--ca-bundle", default=_env("CA_BUNDLE"), metavar="PATH",
+        help="CA certificates to verify an HTTPS backend with (private CA)")
+    add("--insecure", action="store_true", default=bool(_env("INSECURE")),
+        help="do not verify the backend's TLS certificate (warned at start and in every "
+        "run's log)")
+    add = p.add_argument_group(
+        "task limits (defaults for every task; @task(...) options win)").add_argument
+    add("--task-timeout", type=float, default=_float_env("TASK_TIMEOUT"), metavar="SECONDS",
+        help="default task timeout in seconds (default none)")
+    add("--kill-grace", type=float, default=float(_env("KILL_GRACE", 2.0)), metavar="SECONDS",
+        help="after a timeout, how long a task may clean up before SIGKILL (default 2)")
+    add("--memory-limit", default=_env("MEMORY_LIMIT"), metavar="SIZE",
+        help="default task memory limit, e.g. 512MB (default none)")
+    add("--hard-memory-cap", action="store_true", default=bool(_env("HARD_MEMORY_CAP")),
+        help="also cap each task's address space at its memory limit (RLIMIT_AS), for "
+        "allocations faster than the 50 ms RSS sampling")
+    add("--max-procs", type=int, default=_int_env("MAX_PROCS"), metavar="N",
+        help="most processes one task's tree may have; more (a fork bomb) kills the task "
+        "(default none)")
+    add("--cpu-limit", type=int, default=_int_env("CPU_LIMIT"), metavar="SECONDS",
+        help="CPU seconds per task process, RLIMIT_CPU (default none)")
+    add("--max-open-files", type=int, default=int(_env("MAX_OPEN_FILES", 1024)), metavar="N",
+        help="open files per task process, RLIMIT_NOFILE (default 1024)")
+    add("--max-file-size", default=_env("MAX_FILE_SIZE"), metavar="SIZE",
+        help="largest file a task may write, RLIMIT_FSIZE, e.g. 1GB (default none)")
+    add("--max-result-size", default=_env("MAX_RESULT_SIZE", str(DEFAULT_MAX_RESULT)),
+        metavar="SIZE", help="largest task result or argument payload (default 64MiB)")
+    add("--retries", type=int, default=int(_env("RETRIES", 0)),
+        help="default retries of a failed task (default 0)")
+    add("--retry-delay", type=float, default=float(_env("RETRY_DELAY", 0)), metavar="SECONDS",
+        help="default pause between attempts (default 0)")
+    add = p.add_argument_group("task environment").add_argument
     add("--task-user", default=_env("TASK_USER"), metavar="NAME",
         help="when the worker runs as root, run flow and task processes as this user")
     add("--task-group", default=_env("TASK_GROUP"), metavar="NAME",
@@ -88,25 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
         "temporary directory per task attempt, removed afterwards")
     add("--keep-workdirs", action="store_true", default=bool(_env("KEEP_WORKDIRS")),
         help="with --task-workdir tmp, keep the directories for inspection")
-    add("--max-open-files", type=int, default=int(_env("MAX_OPEN_FILES", 1024)), metavar="N",
-        help="open files per task process, RLIMIT_NOFILE (default 1024)")
-    add("--cpu-limit", type=int, default=_int_env("CPU_LIMIT"), metavar="SECONDS",
-        help="CPU seconds per task process, RLIMIT_CPU (default none)")
-    add("--max-file-size", default=_env("MAX_FILE_SIZE"), metavar="SIZE",
-        help="largest file a task may write, RLIMIT_FSIZE, e.g. 1GB (default none)")
-    add("--ca-bundle", default=_env("CA_BUNDLE"), metavar="PATH",
-        help="CA certificates to verify an HTTPS backend with (private CA)")
-    add("--insecure", action="store_true", default=bool(_env("INSECURE")),
-        help="do not verify the backend's TLS certificate (warned at start and in every "
-        "run's log)")
-    add("--token", default=_env("TOKEN"), help="sent as 'Authorization: Bearer ...' on every "
-        "request (for a backend behind an authenticating proxy); never logged, never passed "
-        "to tasks [PERFECT_TOKEN]")
     add("--scrub-env", action="append", default=[], metavar="PATTERN",
         help="also remove environment variables matching this glob from what flows and "
         "tasks see (repeatable; PERFECT_TOKEN and *_TOKEN-like worker secrets always are)")
     add("--task-env", action="append", default=[], metavar="KEY=VALUE",
         help="add a variable to the environment flows and tasks see (repeatable)")
+    add = p.add_argument_group("output").add_argument
+    add("--log-dir", default=_env("LOG_DIR", "perfect-logs"),
+        help="where every run's complete log is written (default ./perfect-logs)")
+    add("--reports-dir", default=_env("REPORTS_DIR", "reports"),
+        help="where local mode writes HTML and JSON reports (default ./reports)")
     add("--log-level", default=_env("LOG_LEVEL", "INFO"),
         choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="runner log level (default INFO)")
     return p
