@@ -163,9 +163,11 @@ def test_plain_view_prints_one_line_per_event_and_a_summary() -> None:
     view.task_output(run, run.tasks[0], "stdout", ["Extracting sales data..."])
     view.task_output(run, run.tasks[0], "stderr", ["slow query"])
     finish(run.tasks[0], note="Extracted 1000 rows", table=[{"metric": "rows", "value": 1000}])
+    run.tasks[0].peak_rss = 48 * 1024 * 1024
     view.task_finished(run, run.tasks[0])
     view.task_started(run, run.tasks[1])
     finish(run.tasks[1], "FAILED", note="timed out after 1 s")
+    run.tasks[1].peak_rss = None  # not measured
     view.runner_log(run, "Task 'task_1' failed: timed out after 1 s", "warning")
     view.runner_log(run, "flow body raised\nValueError: bad", "error")
     view.task_finished(run, run.tasks[1])
@@ -183,9 +185,9 @@ def test_plain_view_prints_one_line_per_event_and_a_summary() -> None:
         "        ValueError: bad",
         "<-- #1 task_1 FAILED in 1.5 s: timed out after 1 s",
         "==> Daily Sales ETL: run run-abc123 FAILED in 3.0 s",
-        "    #  task    state      duration  note",
-        "    0  task_0  COMPLETED  1.5 s     Extracted 1000 rows",
-        "    1  task_1  FAILED     1.5 s     timed out after 1 s",
+        "    #  task    state      duration  peak mem  note",
+        "    0  task_0  COMPLETED  1.5 s     48.0 MiB  Extracted 1000 rows",
+        "    1  task_1  FAILED     1.5 s     -         timed out after 1 s",
         "Results:",
         "    #0 task_0",
         "      metric  value",

@@ -175,9 +175,11 @@ def _send_some(sock: socket.socket, data: bytes) -> int:
 
 
 def _telling(lines: list[str]) -> list[str]:
-    """Lines worth quoting in a note: not blank, not the runner's own stack frames."""
-    return [line for line in lines if line.strip() and "perfect_runner/" not in line
-            and "<frozen runpy>" not in line]
+    """Lines worth quoting in a note: not blank, not the runner's own stack frames,
+    not the headers of a faulthandler dump (the note already names the signal)."""
+    return [line.strip() for line in lines if line.strip()
+            and "perfect_runner/" not in line and "<frozen runpy>" not in line
+            and not line.startswith(("Fatal Python error", "Current thread", "Thread 0x"))]
 
 
 def _readable(fd: int) -> bool:

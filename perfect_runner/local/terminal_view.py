@@ -38,7 +38,7 @@ from typing import Any, TextIO
 
 from ..executor.events import NullListener
 from ..executor.records import RunRecord, TaskRecord
-from .report_html import cell_text, format_duration, table_columns
+from .report_html import cell_text, format_bytes, format_duration, table_columns
 
 FRAME_INTERVAL_S = 0.1
 MAX_LINE_CHARS = 1000
@@ -416,7 +416,9 @@ def summary_lines(run: RunRecord) -> list[str]:
         lines += [f"    {line}" for line in clean_lines(run.note)[:MAX_NOTE_LINES]]
     rows = [
         {"#": task.index, "task": task.name, "state": task.state,
-         "duration": format_duration(task.duration_ms), "note": clean_lines(task.note)[0]}
+         "duration": format_duration(task.duration_ms),
+         "peak mem": format_bytes(task.peak_rss) if task.peak_rss else "-",
+         "note": clean_lines(task.note)[0]}
         for task in run.tasks
     ]
     lines += format_table(rows, max_cell=60) if rows else ["    (no tasks ran)"]
