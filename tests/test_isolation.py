@@ -533,3 +533,54 @@ def custom_exception():
 def test_custom_exception_with_its_own_init_crosses(write_flows, run_flow) -> None:
     ran = run_flow(write_flows(CUSTOM_EXCEPTION), "custom exception")
     assert "flow saw Stubborn: 1-2 a=1" in ran.events.lines(None)
+
+
+LEAKY = '''
+import os, signal, sys, threading, time
+from perfect_runner import task, flow, TaskResult
+
+COUNTER = {"calls": 0}
+
+@task
+def meddle():
+    os.chdir("/")
+    os.environ["LEAKED_VAR"] = "yes"
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    sys.path.insert(0, "/nowhere")
+    COUNTER["calls"] += 1
+    threading.Thread(target=time.sleep, args=(600,), daemon=False).start()
+    held = open(__file__)  # left open on purpose
+    return TaskResult(passed=True, note=f"calls={COUNTER['calls']} fds={len(os.listdir('/proc/self/fd'))}")
+
+@task
+def inspect():
+    seen = {
+        "cwd": os.getcwd() != "/",
+        "env": "LEAKED_VAR" not in os.environ,
+        "signal": signal.getsignal(signal.SIGUSR2) is not signal.SIG_IGN,
+        "sys.path": "/nowhere" not in sys.path,
+        "globals": COUNTER["calls"] == 0,
+        "threads": threading.active_count() == 1,
+    }
+    bad = [name for name, clean in seen.items() if not clean]
+    return TaskResult(passed=not bad, note="leaked: " + ", ".join(bad) if bad else "clean",
+                      table=[{"fds": len(os.listdir('/proc/self/fd'))}])
+
+@flow(name="leaks")
+def leaks():
+    meddle()
+    inspect()
+    meddle()
+    inspect()
+'''
+
+
+def test_nothing_a_task_changes_reaches_the_next_task(write_flows, run_flow) -> None:
+    cwd, env = os.getcwd(), dict(os.environ)
+    ran = run_flow(write_flows(LEAKY), "leaks")
+    assert [(t.name, t.state, t.note.split(" fds")[0]) for t in ran.record.tasks] == [
+        ("meddle", "COMPLETED", "calls=1"), ("inspect", "COMPLETED", "clean"),
+        ("meddle", "COMPLETED", "calls=1"), ("inspect", "COMPLETED", "clean")]
+    # Each task starts with the same few descriptors: nothing left open accumulates.
+    assert ran.record.tasks[1].table == ran.record.tasks[3].table
+    assert (os.getcwd(), dict(os.environ)) == (cwd, env)  # nor does anything reach us
