@@ -550,7 +550,7 @@ def meddle():
     COUNTER["calls"] += 1
     threading.Thread(target=time.sleep, args=(600,), daemon=False).start()
     held = open(__file__)  # left open on purpose
-    return TaskResult(passed=True, note=f"calls={COUNTER['calls']} fds={len(os.listdir('/proc/self/fd'))}")
+    return TaskResult(passed=True, note=f"calls={COUNTER['calls']}")
 
 @task
 def inspect():
@@ -578,7 +578,7 @@ def leaks():
 def test_nothing_a_task_changes_reaches_the_next_task(write_flows, run_flow) -> None:
     cwd, env = os.getcwd(), dict(os.environ)
     ran = run_flow(write_flows(LEAKY), "leaks")
-    assert [(t.name, t.state, t.note.split(" fds")[0]) for t in ran.record.tasks] == [
+    assert [(t.name, t.state, t.note) for t in ran.record.tasks] == [
         ("meddle", "COMPLETED", "calls=1"), ("inspect", "COMPLETED", "clean"),
         ("meddle", "COMPLETED", "calls=1"), ("inspect", "COMPLETED", "clean")]
     # Each task starts with the same few descriptors: nothing left open accumulates.
