@@ -438,16 +438,29 @@ def start_daemon():
     return TaskResult(passed=True)
 
 
+@task(crucial_pass=False)
+def start_daemon_then_crash():
+    daemon = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    print(f"daemon {daemon.pid}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # no chance to clean up after itself
+
+
 @flow("daemon")
 def daemon_flow():
     start_daemon()
+
+
+@flow("daemon then crash")
+def daemon_crash_flow():
+    start_daemon_then_crash()
 """
 
 
 @pytest.mark.parametrize("start_method", START_METHODS)
+@pytest.mark.parametrize("flow", ["daemon", "daemon then crash"])
 def test_a_daemon_in_its_own_session_dies_with_its_task(write_flows, run_flow,
-                                                        start_method: str) -> None:
-    ran = run_flow(write_flows(DAEMON), "daemon", start_method)
+                                                        start_method: str, flow: str) -> None:
+    ran = run_flow(write_flows(DAEMON), flow, start_method)
     assert ran.record.state == "COMPLETED"
     (line,) = ran.events.lines(0, "stdout")
     pid = int(line.split()[1])

@@ -34,8 +34,9 @@ import selectors
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
-from .child_bootstrap import ChildConfig, become_child, preload_roles
+from .child_bootstrap import EXIT_BOOTSTRAP, ChildConfig, become_child, preload_roles
 from .loader import ModuleLoadError, describe, load_modules
 from .oskit import become_subreaper, close_quietly, die_with_parent, signal_group
 from .proctree import direct_children, kill_tree
@@ -55,13 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         except ModuleLoadError as exc:
             json.dump({"ok": False, "error": str(exc)}, meta)
             return 3
-    if args.describe_only:
+    control = socket.socket(fileno=args.control_fd)
+    if args.exec_children:
+        _flush_std()
+        spawner = ExecSpawner(json.loads(args.modules), sys.path)
+        ForkServer(control, spawner.become_child).serve()
         return 0
     preload_roles()
     # Children share our heap copy-on-write; keep their garbage collector off it.
     gc.freeze()
     _flush_std()
-    ForkServer(socket.socket(fileno=args.control_fd)).serve()
+    ForkServer(control, become_child).serve()
     return 0
 
 
@@ -72,13 +77,39 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--meta-fd", type=int, required=True)
     parser.add_argument("--control-fd", type=int, default=-1)
     parser.add_argument("--parent-pid", type=int, required=True)
-    parser.add_argument("--describe-only", action="store_true")
+    parser.add_argument("--exec-children", action="store_true",
+                        help="start each child as a fresh interpreter (start method spawn)")
     return parser.parse_args(argv)
 
 
+class ExecSpawner:
+    """Start method "spawn": the forked child execs a fresh interpreter at once.
+
+    The server still forks it, so it stays the parent: the same reaping, exit
+    statuses and orphan killing as the fork server, only no shared heap.
+    """
+
+    def __init__(self, modules: list[str], sys_path: list[str]) -> None:
+        self.modules = modules
+        self.sys_path = list(sys_path)
+
+    def become_child(self, config: ChildConfig, out_fd: int, err_fd: int, chan_fd: int) -> None:
+        for fd in (out_fd, err_fd, chan_fd):
+            os.set_inheritable(fd, True)
+        spec = {"config": config.to_json(), "modules": self.modules,
+                "sys_path": self.sys_path, "fds": [out_fd, err_fd, chan_fd]}
+        try:
+            os.execv(sys.executable, [sys.executable, "-m", "perfect_runner.isolation.spawn_child",
+                                      json.dumps(spec)])
+        finally:
+            os._exit(EXIT_BOOTSTRAP)  # exec failed; stderr said why
+
+
 class ForkServer:
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket,
+                 start_child: Callable[[ChildConfig, int, int, int], None]) -> None:
         self.control = control
+        self.start_child = start_child
         self.children: dict[int, socket.socket] = {}  # pid -> its reply socket
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -126,7 +157,7 @@ class ForkServer:
         if pid == 0:
             self.control.close()
             reply.close()
-            become_child(config, *fds)
+            self.start_child(config, *fds)
         for fd in fds:
             close_quietly(fd)
         self.children[pid] = reply

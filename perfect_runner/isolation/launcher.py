@@ -4,12 +4,16 @@ Control-process side. A launcher hands back a `ChildHandle` per child: its pid,
 a pidfd that becomes readable when the child exits (the supervisor waits on
 it, not on pipe EOF, which grandchildren can hold open), and the exit status.
 
-- `ForkServerLauncher` (default, "forkserver"): children are forked by our own
-  fork server (see `forkserver`), which preloaded the flows modules.
-- `SpawnLauncher` ("spawn"): each child is a new interpreter that imports the
-  flows modules itself; slower, but nothing is shared.
+Both start methods go through our own fork server (see `forkserver`), which
+stays the parent of every child: it reaps them, reports their exit status and
+kills what they leave behind.
 
-Neither imports user code here.
+- "forkserver" (default): children are forked from the server, which
+  preloaded the flows modules: about a millisecond, no re-import.
+- "spawn": each forked child execs a new interpreter that imports the flows
+  modules itself; slower, but nothing is shared.
+
+Nothing here imports user code.
 """
 
 from __future__ import annotations
@@ -78,10 +82,8 @@ class Launcher(Protocol):
 
 
 def start_launcher(method: str, modules: list[str], env: dict[str, str]) -> Launcher:
-    if method == "forkserver":
-        return ForkServerLauncher(modules, env)
-    if method == "spawn":
-        return SpawnLauncher(modules, env)
+    if method in START_METHODS:
+        return ForkServerLauncher(modules, env, exec_children=method == "spawn")
     raise LaunchError(f"unknown start method {method!r}: use one of {', '.join(START_METHODS)}")
 
 
@@ -109,10 +111,12 @@ def _read_metadata(meta_r: int, proc: subprocess.Popen) -> dict[str, Any]:
 
 
 class ForkServerLauncher:
-    def __init__(self, modules: list[str], env: dict[str, str]) -> None:
+    def __init__(self, modules: list[str], env: dict[str, str],
+                 exec_children: bool = False) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         meta_r, meta_w = os.pipe()
-        command = _server_command(modules, meta_w, ["--control-fd", str(child_end.fileno())])
+        extra = ["--control-fd", str(child_end.fileno())]
+        command = _server_command(modules, meta_w, extra + ["--exec-children"] * exec_children)
         self.proc = subprocess.Popen(
             command, pass_fds=(meta_w, child_end.fileno()), stdin=subprocess.DEVNULL,
             env=env, start_new_session=True,
@@ -183,54 +187,3 @@ class _ForkedChild:
         close_quietly(self.pidfd)
         self.pidfd = -1
         self.reply.close()
-
-
-class SpawnLauncher:
-    def __init__(self, modules: list[str], env: dict[str, str]) -> None:
-        self.modules = modules
-        self.env = env
-        self.server_pid: int | None = None
-        meta_r, meta_w = os.pipe()
-        proc = subprocess.Popen(
-            _server_command(modules, meta_w, ["--describe-only"]), pass_fds=(meta_w,),
-            stdin=subprocess.DEVNULL, env=env,
-        )
-        os.close(meta_w)
-        self.metadata = _read_metadata(meta_r, proc)
-        proc.wait()
-
-    def spawn(self, config: ChildConfig, fds: tuple[int, int, int]) -> ChildHandle:
-        command = [
-            sys.executable, "-m", "perfect_runner.isolation.spawn_child",
-            json.dumps({"config": {**config.to_json(), "parent_pid": os.getpid()},
-                        "modules": self.modules, "sys_path": sys.path, "fds": list(fds)}),
-        ]
-        try:
-            proc = subprocess.Popen(command, pass_fds=fds, stdin=subprocess.DEVNULL,
-                                    env=self.env)
-        except OSError as exc:
-            raise LaunchError(f"could not start a child process: {exc}") from None
-        return _SpawnedChild(proc)
-
-    def close(self) -> None:
-        pass
-
-
-class _SpawnedChild:
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.pidfd = os.pidfd_open(proc.pid)
-
-    def exit_info(self, timeout: float) -> ExitInfo:
-        # Reap it ourselves (wait4 gives peak RSS); tell Popen so it never reaps again.
-        try:
-            pid, status, usage = os.wait4(self.pid, 0)
-        except ChildProcessError:
-            return ExitInfo(None)
-        self.proc.returncode = -1
-        return ExitInfo(status, usage.ru_maxrss * 1024)
-
-    def close(self) -> None:
-        close_quietly(self.pidfd)
-        self.pidfd = -1
