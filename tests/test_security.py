@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +176,50 @@ def test_root_worker_without_task_user_warns(tmp_path: Path) -> None:
         pytest.skip("only a root worker warns")
     result, _ = run_cli(tmp_path, "Identity")
     assert "tasks run as root too" in result.stderr
+
+
+def trickling_server(stop: threading.Event) -> tuple[socket.socket, threading.Thread]:
+    """A hostile backend: answers headers, then one body byte every 0.1 s, forever."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100000\r\n\r\n")
+            while not stop.wait(0.1):
+                try:
+                    conn.sendall(b" ")
+                except OSError:
+                    break
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+@pytest.mark.timeout(30)
+def test_a_trickling_backend_cannot_hold_a_request_past_its_deadline() -> None:
+    from perfect_runner.transport.api import ApiStatus, PerfectAPIClient
+
+    stop = threading.Event()
+    server, thread = trickling_server(stop)
+    try:
+        client = PerfectAPIClient(f"http://127.0.0.1:{server.getsockname()[1]}",
+                                  read_timeout=1.0)
+        started = time.monotonic()
+        result = client.send_heartbeat(timeout=(1.0, 1.0))
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+    assert result.status is ApiStatus.RETRYABLE
+    assert "deadline" in result.error
+    assert elapsed < 3.0  # each byte came within the read timeout; the total did not

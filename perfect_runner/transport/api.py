@@ -28,12 +28,14 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import requests
+import urllib3
 
 from ..jsonsafe import json_safe
 
@@ -360,9 +362,10 @@ class PerfectAPIClient:
             )
         except requests.RequestException as exc:
             return ApiResult(ApiStatus.RETRYABLE, None, None, _exc_text(exc))
+        read_timeout = (timeout or (self.connect_timeout, self.read_timeout))[1]
         try:
-            return self._result(response)
-        except requests.RequestException as exc:
+            return self._result(response, time.monotonic() + read_timeout)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             # The answer broke off mid-body: whether it was applied is unknown.
             return ApiResult(ApiStatus.RETRYABLE, response.status_code, None, _exc_text(exc))
         finally:
@@ -377,23 +380,28 @@ class PerfectAPIClient:
                 self._sessions.append(session)
         return session
 
-    def _result(self, response: requests.Response) -> ApiResult:
+    def _result(self, response: requests.Response, deadline: float) -> ApiResult:
         code = response.status_code
-        body, error = self._read_body(response)
+        body, error = self._read_body(response, deadline)
         if 300 <= code < 400:
             error = error or f"redirect to {response.headers.get('Location')!r} not followed"
         return ApiResult(_classify(code), code, body, error)
 
-    def _read_body(self, response: requests.Response) -> tuple[Any, str]:
+    def _read_body(self, response: requests.Response,
+                   deadline: float) -> tuple[Any, str]:
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > self.max_body:
             return None, f"response body of {declared} bytes refused (max {self.max_body})"
         chunks: list[bytes] = []
         size = 0
-        for chunk in response.iter_content(chunk_size=65536):
+        # read1: one socket read at a time, so a server trickling its answer byte by
+        # byte (each read within the read timeout) still cannot hold us past `deadline`.
+        while chunk := response.raw.read1(65536, decode_content=True):
             size += len(chunk)
             if size > self.max_body:
                 return None, f"response body over {self.max_body} bytes refused"
+            if time.monotonic() > deadline:
+                raise requests.Timeout("response body still arriving at the deadline")
             chunks.append(chunk)
         raw = b"".join(chunks)
         if not raw:
