@@ -223,3 +223,21 @@ def test_a_trickling_backend_cannot_hold_a_request_past_its_deadline() -> None:
     assert result.status is ApiStatus.RETRYABLE
     assert "deadline" in result.error
     assert elapsed < 3.0  # each byte came within the read timeout; the total did not
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("body", [
+    b"[" * 200_000 + b"]" * 200_000,  # nested deeper than any JSON parser recurses
+    b'{"run_id": "' + b"x" * 900_000 + b'", "flow_name": "f"}',
+    b'{"run_id": 5, "flow_name": ["not", "a", "name"]}',
+    b"\xff\xfe not even text",
+])
+def test_hostile_execution_requests_are_refused_not_fatal(body: bytes) -> None:
+    from perfect_runner.transport.api import BadRequest, PerfectAPIClient
+
+    with FakePerfect(poll_hold=1.0) as fake:
+        fake.respond_with("/api/execution-requests", 200, body, count=1)
+        client = PerfectAPIClient(fake.url)
+        with pytest.raises(BadRequest):
+            client.poll_once()
+        assert client.poll_once() is None  # and the next poll is business as usual

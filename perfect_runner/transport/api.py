@@ -410,6 +410,8 @@ class PerfectAPIClient:
             return json.loads(raw), ""
         except ValueError:
             return raw.decode("utf-8", errors="replace")[:1000], "response is not JSON"
+        except RecursionError:
+            return None, "response JSON is nested too deeply"
 
 
 def state_payload(
