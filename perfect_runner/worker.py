@@ -135,10 +135,11 @@ class Worker:
                 self.slots.release()
                 log.error("ignoring a malformed execution request: %s", exc)
                 continue
-            except ApiError as exc:
+            except Exception as exc:  # noqa: BLE001 - the poller must outlive any answer
                 self.slots.release()
                 if not down:
-                    log.warning("cannot poll the Perfect backend (%s); retrying", exc)
+                    log.warning("cannot poll the Perfect backend (%s); retrying", exc,
+                                exc_info=not isinstance(exc, ApiError))
                     down = True
                 self.stop.wait(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 10.0)
