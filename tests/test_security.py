@@ -241,3 +241,63 @@ def test_hostile_execution_requests_are_refused_not_fatal(body: bytes) -> None:
         with pytest.raises(BadRequest):
             client.poll_once()
         assert client.poll_once() is None  # and the next poll is business as usual
+
+
+def memory_contains(pid: int, needle: bytes) -> bool:
+    """Whether any readable mapping of the process holds `needle`."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r"):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except (OSError, OverflowError, ValueError):
+                continue  # [vvar] and friends cannot be read
+    return False
+
+
+@pytest.mark.timeout(60)
+def test_token_is_in_no_memory_but_the_control_process(tmp_path: Path) -> None:
+    import psutil
+
+    module = tmp_path / "snoop_flows.py"
+    module.write_text(textwrap.dedent('''
+        import os
+        from pathlib import Path
+        from perfect_runner import task, flow
+
+        @task
+        def wait_here():
+            Path(os.environ["DUMP_PATH"]).write_text(str(os.getpid()))
+            Path(os.environ["DUMP_PATH"] + ".go").exists() or __import__("time").sleep(30)
+
+        @flow(name="Hold")
+        def hold():
+            wait_here()
+    '''))
+    marker = tmp_path / "task.pid"
+    env = {**os.environ, "PERFECT_TOKEN": TOKEN, "DUMP_PATH": str(marker)}
+    with FakePerfect(poll_hold=2.0) as fake:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "perfect_runner", "--flows", str(module), "--server",
+             fake.url, "--log-dir", str(tmp_path / "logs")],
+            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            fake.wait_for(lambda: fake.flows, 15)
+            fake.trigger("Hold")
+            task_pid = int(fake.wait_for(lambda: marker.exists() and marker.read_text(), 20))
+            others = [p.pid for p in psutil.Process(worker.pid).children(recursive=True)]
+            assert task_pid in others and len(others) >= 3  # fork server, flow, task
+            try:
+                assert memory_contains(worker.pid, TOKEN.encode()), "the probe finds it here"
+            except PermissionError:
+                pytest.skip("cannot read process memory here (ptrace restrictions)")
+            for pid in others:
+                assert not memory_contains(pid, TOKEN.encode()), f"token in memory of {pid}"
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(10)
