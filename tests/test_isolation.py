@@ -597,3 +597,26 @@ def test_nothing_a_task_changes_reaches_the_next_task(write_flows, run_flow) -> 
     # Each task starts with the same few descriptors: nothing left open accumulates.
     assert ran.record.tasks[1].table == ran.record.tasks[3].table
     assert (os.getcwd(), dict(os.environ)) == (cwd, env)  # nor does anything reach us
+
+
+FAST_ALLOCATOR = '''
+@task(memory_limit="150MB", crucial_pass=False)
+def gulp():
+    # One allocation far past the limit, faster than any sampling could see.
+    block = bytearray(400 * 1024 * 1024)
+    return TaskResult(passed=True, note=f"got {len(block)} bytes")
+
+
+@flow("fast allocator")
+def fast_allocator():
+    gulp()
+'''
+
+
+def test_hard_memory_cap_stops_allocations_faster_than_sampling(write_flows, run_flow) -> None:
+    from perfect_runner.executor.options import RunOptions
+
+    ran = run_flow(write_flows(FAST_ALLOCATOR), "fast allocator",
+                   options=RunOptions(hard_memory_cap=True))
+    (task,) = ran.record.tasks
+    assert (task.state, task.note) == ("FAILED", "MemoryError")
