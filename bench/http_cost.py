@@ -287,9 +287,10 @@ def main(quick: bool = False) -> list[Row]:
             raise
         finally:
             worker.stop()
-        # A second worker for the bursts: at most 10 log entries per run, so a run with
-        # the logs endpoint at 300 ms per call drains in ~3 s (the bursts happen before
-        # the first entry is even delivered, so the limit does not change what is timed).
+    # A second worker, on a fresh fake, for the bursts: at most 10 log entries per run,
+    # so a run with the logs endpoint at 300 ms per call drains in ~3 s (the bursts happen before
+    # the first entry is even delivered, so the limit does not change what is timed).
+    with FakePerfect(poll_hold=5.0) as fake:
         worker = WorkerProcess(module, fake.url, directory, "--max-log-entries", "10",
                                name="burst-worker")
         try:
