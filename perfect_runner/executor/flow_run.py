@@ -19,10 +19,10 @@ import threading
 import time
 from typing import Any
 
+from ..isolation.child_bootstrap import ChildConfig
 from ..isolation.child_process import ChildProcess
 from ..isolation.launcher import Launcher, LaunchError
 from ..isolation.outcome import Kind, Outcome, describe_signal
-from ..isolation.proctree import kill_tree
 from ..isolation.protocol import (
     CallTask,
     FlowFinished,
@@ -36,7 +36,8 @@ from ..isolation.supervisor import TaskSupervisor
 from .events import RunListener
 from .options import RunOptions
 from .records import RunRecord, TaskRecord
-from .task_setup import child_config, task_limits, task_workdir
+from .spare import WarmSpare
+from .task_setup import process_setup, task_limits, task_workdir
 
 FLOW_TASK_NAME = "flow"
 
@@ -51,6 +52,7 @@ class FlowRun:
         self.listener = listener
         self.options = options
         self.loop = SelectorLoop()
+        self.spare = WarmSpare(launcher, self.loop, options.max_result)
         self._cancel: tuple[Kind, str] | None = None
         self._lock = threading.Lock()
         self._crucial_failed = False
@@ -91,23 +93,22 @@ class FlowRun:
         return self._finish()
 
     def _run_flow_process(self) -> None:
+        start = StartFlow(flow_name=self.run.flow_name, run_id=self.run.run_id,
+                          setup=process_setup(self.options))
         try:
-            flow = ChildProcess(self.launcher, child_config("flow", self.options), self.loop,
-                                self._flow_output, max_blob=self.options.max_result + (1 << 20))
+            flow = ChildProcess(self.launcher, ChildConfig(role="flow", parent_pid=0),
+                                self.loop, self._flow_output,
+                                max_blob=self.options.max_result + (1 << 20),
+                                first_frame=(start, b""))
         except LaunchError as exc:
             self._fail_flow(f"could not start the flow process: {exc}")
             return
+        self.spare.prepare()  # while the flow process imports and starts its body
         try:
-            flow.send(StartFlow(flow_name=self.run.flow_name, run_id=self.run.run_id))
             self._serve(flow)
         finally:
-            kill_tree(flow.pid)
-            # Wait for its exit (pidfd) so the flow process never outlives the run.
-            end = time.monotonic() + 5.0
-            while flow.running and time.monotonic() < end:
-                self.loop.poll(end - time.monotonic())
-            flow.drain()
-            flow.close()
+            self.spare.discard()
+            flow.stop()
 
     def _serve(self, flow: ChildProcess) -> None:
         """Answer the flow process's task calls until its body is done."""
@@ -191,13 +192,13 @@ class FlowRun:
         request = RunTask(key=call.key, name=call.name, index=task.index, attempt=attempt,
                           max_result=self.options.max_result)
         with task_workdir(self.options, self.run.run_id, task.index, attempt) as cwd:
+            request.setup = process_setup(self.options, limits, cwd)
             supervisor = TaskSupervisor(
-                self.launcher, self.loop, child_config("task", self.options, limits, cwd),
-                limits,
+                self.launcher, self.loop, limits,
                 lambda stream, lines: self.listener.task_output(self.run, task, stream, lines),
                 tick, self.options.progress_interval, self.cancel_reason,
             )
-            return supervisor.run(request, args_blob)
+            return supervisor.run(request, args_blob, self.spare.take(), self.spare.prepare)
 
     def _pause(self, seconds: float) -> None:
         end = time.monotonic() + seconds

@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-from ..isolation.child_bootstrap import ChildConfig
+from ..isolation.child_bootstrap import ProcessSetup
 from ..isolation.supervisor import TaskLimits
 from .options import RunOptions
 
@@ -30,8 +30,9 @@ def task_limits(meta: dict[str, Any], options: RunOptions) -> TaskLimits:
     )
 
 
-def child_config(role: str, options: RunOptions, limits: TaskLimits | None = None,
-                 cwd: str | None = None) -> ChildConfig:
+def process_setup(options: RunOptions, limits: TaskLimits | None = None,
+                  cwd: str | None = None) -> dict[str, Any]:
+    """The ProcessSetup a flow or task process applies to itself before user code."""
     rlimits = dict(options.rlimits)
     if limits and limits.max_procs:
         # RLIMIT_NPROC counts every process of the user, not just this tree (the
@@ -39,9 +40,8 @@ def child_config(role: str, options: RunOptions, limits: TaskLimits | None = Non
         rlimits["nproc"] = limits.max_procs + len(psutil.pids())
     if limits and options.hard_memory_cap and limits.memory_limit:
         rlimits["as"] = limits.memory_limit
-    return ChildConfig(role=role, parent_pid=0, env=options.child_env,
-                       cwd=cwd or options.task_cwd, rlimits=rlimits,
-                       user=options.task_user, group=options.task_group)
+    return ProcessSetup(env=options.child_env, cwd=cwd or options.task_cwd, rlimits=rlimits,
+                        user=options.task_user, group=options.task_group).to_json()
 
 
 @contextlib.contextmanager

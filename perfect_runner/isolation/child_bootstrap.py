@@ -11,8 +11,10 @@ interpreter), a child runs `become_child` and never returns from it:
    fork server, which kills them, once it is gone);
 5. the pipes onto fds 1 and 2, /dev/null onto fd 0;
 6. close every other inherited fd but the channel;
-7. run the role, then leave through `os._exit` (no atexit, no flushing of
-   buffers inherited from the fork server).
+7. run the role: it reads its first frame, applies the `ProcessSetup` in it
+   (environment, cwd, limits, then the user), and only then runs user code;
+8. leave through `os._exit` (no atexit, no flushing of buffers inherited
+   from the fork server), after killing what the role left running.
 
 Exit codes at or above `EXIT_BOOTSTRAP` are reserved for failures of the
 runner's own code, so the supervisor can tell them from a task's `os._exit`.
@@ -46,10 +48,23 @@ SOFT_STOP_SIGNAL = signal.SIGUSR2
 
 @dataclass
 class ChildConfig:
-    """How to set up one child; crosses the process boundary as JSON."""
+    """What a child is, known when it is started; crosses the boundary as JSON."""
 
     role: str  # "task" or "flow"
     parent_pid: int
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+@dataclass
+class ProcessSetup:
+    """What a child applies to itself once it knows its work, before any user code.
+
+    It travels in the first frame (RunTask / StartFlow), so a task process can
+    be started ahead of time and given its limits only when a task call comes.
+    """
+
     env: dict[str, str] | None = None
     cwd: str | None = None
     rlimits: dict[str, int] = field(default_factory=dict)
@@ -72,10 +87,7 @@ def become_child(config: ChildConfig, out_fd: int, err_fd: int, chan_fd: int) ->
         become_subreaper()
         chan_fd = _wire_fds(out_fd, err_fd, chan_fd)
         report_fd = 2
-        # Import the role's code while we can still read it (before dropping privileges).
-        role_main = _role_entry(config.role)
-        _apply_limits(config)
-        code = role_main(socket.socket(fileno=chan_fd))
+        code = _role_entry(config.role)(socket.socket(fileno=chan_fd))
     except BaseException:  # noqa: BLE001 - last chance: say what broke, exit reserved
         _last_chance_report(report_fd)
     finally:
@@ -150,7 +162,9 @@ def _max_fd() -> int:
     return soft if soft != resource.RLIM_INFINITY else 65536
 
 
-def _apply_limits(config: ChildConfig) -> None:
+def apply_setup(raw: dict[str, Any]) -> None:
+    """Environment, working directory, resource limits, then the user: in that order."""
+    config = ProcessSetup(**raw)
     if config.env is not None:
         os.environ.clear()
         os.environ.update(config.env)
@@ -166,7 +180,7 @@ def _apply_limits(config: ChildConfig) -> None:
     _drop_privileges(config)
 
 
-def _drop_privileges(config: ChildConfig) -> None:
+def _drop_privileges(config: ProcessSetup) -> None:
     # Last, after the pipes and limits: a task under another user can change neither.
     if config.user is None and config.group is None:
         return

@@ -11,6 +11,7 @@ import fcntl
 import os
 import select
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from .child_bootstrap import ChildConfig
 from .launcher import ChildHandle, ExitInfo, Launcher, LaunchError
 from .lines import DEFAULT_MAX_LINE, LineSplitter
 from .oskit import close_quietly
+from .proctree import kill_tree
 from .protocol import DEFAULT_MAX_BLOB, FrameReader, Message, ProtocolError, encode_frame
 from .selector_loop import SelectorLoop
 
@@ -151,6 +153,15 @@ class ChildProcess:
             pass
         for stream in self._fds:
             self._flush_partial(stream)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Kill its tree, wait for its exit (so nothing outlives us), drain, close."""
+        kill_tree(self.pid)
+        end = time.monotonic() + timeout
+        while self.running and time.monotonic() < end:
+            self.loop.poll(end - time.monotonic())
+        self.drain()
+        self.close()
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -17,6 +17,7 @@ from typing import Any
 from ..sdk import runtime
 from ..sdk.errors import TaskFailed
 from ..sdk.registry import TaskDefinition, get_registry
+from .child_bootstrap import apply_setup
 from .protocol import (
     CallTask,
     FlowFinished,
@@ -89,6 +90,7 @@ def run_flow(chan: socket.socket) -> int:
     start, _ = recv_message(chan)
     if not isinstance(start, StartFlow):
         raise TypeError(f"expected start_flow, got {start.TYPE}")
+    apply_setup(start.setup)
     definition = get_registry().flows[start.flow_name]
     runtime.install(FlowRuntime(chan))
     try:

@@ -28,7 +28,10 @@ Who speaks when
 ---------------
 Task channel::
 
-    control -> task   RunTask (blob: pickled (args, kwargs))        exactly once
+    control -> task   RunTask (blob: pickled (args, kwargs))        exactly once,
+                      may be sent long after the process started (a
+                      warm spare): its `setup` (environment, cwd,
+                      limits, user) is applied only then
     task -> control   Progress                                       0..n times
     task -> control   TaskReturned (blob: pickled return value)   } exactly one,
                       | TaskRaised (blob: pickled exception)      } then exit 0
@@ -99,6 +102,7 @@ class RunTask(Message):
     index: int
     attempt: int = 1
     max_result: int = DEFAULT_MAX_BLOB
+    setup: dict[str, Any] = field(default_factory=dict)  # see child_bootstrap.ProcessSetup
 
 
 @dataclass
@@ -149,6 +153,7 @@ class StartFlow(Message):
     TYPE: ClassVar[str] = "start_flow"
     flow_name: str
     run_id: str
+    setup: dict[str, Any] = field(default_factory=dict)  # see child_bootstrap.ProcessSetup
 
 
 @dataclass

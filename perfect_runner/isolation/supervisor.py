@@ -63,16 +63,23 @@ class Deadlines:
         return names
 
 
+def start_task_process(launcher: Launcher, loop: SelectorLoop, on_output: OutputHandler,
+                       max_result: int, first_frame: tuple[RunTask, bytes] | None = None
+                       ) -> ChildProcess:
+    """A task process; without `first_frame` it waits, bootstrapped, for its RunTask."""
+    return ChildProcess(launcher, ChildConfig(role="task", parent_pid=0), loop, on_output,
+                        max_blob=max_result + 1024 * 1024, first_frame=first_frame)
+
+
 class TaskSupervisor:
     """Runs one attempt of one task call to its `Outcome`."""
 
-    def __init__(self, launcher: Launcher, loop: SelectorLoop, config: ChildConfig,
+    def __init__(self, launcher: Launcher, loop: SelectorLoop,
                  limits: TaskLimits, on_output: OutputHandler,
                  on_tick: Callable[[float | None], None], tick_interval: float,
                  cancel_reason: Callable[[], tuple[Kind, str] | None]) -> None:
         self.launcher = launcher
         self.loop = loop
-        self.config = config
         self.limits = limits
         self.on_output = on_output
         self.on_tick = on_tick
@@ -83,13 +90,25 @@ class TaskSupervisor:
         self.forced: tuple[Kind, str] | None = None
         self.deadlines = Deadlines()
 
-    def run(self, request: RunTask, args_blob: bytes) -> Outcome:
-        try:
-            child = ChildProcess(self.launcher, self.config, self.loop, self.on_output,
-                                 max_blob=self.limits.max_result + 1024 * 1024,
-                                 first_frame=(request, args_blob))
-        except LaunchError as exc:
-            return Outcome(Kind.START_FAILED, detail=str(exc))
+    def run(self, request: RunTask, args_blob: bytes, spare: ChildProcess | None = None,
+            on_sent: Callable[[], None] | None = None) -> Outcome:
+        """Run the attempt in `spare` (a task process started ahead) or a new process.
+
+        `on_sent` runs once the task has its RunTask: a good moment to start the
+        next spare, off this task's critical path.
+        """
+        if spare is not None:
+            spare.on_output = self.on_output
+            spare.send(request, args_blob)
+            child = spare
+        else:
+            try:
+                child = start_task_process(self.launcher, self.loop, self.on_output,
+                                           self.limits.max_result, (request, args_blob))
+            except LaunchError as exc:
+                return Outcome(Kind.START_FAILED, detail=str(exc))
+        if on_sent is not None:
+            on_sent()
         try:
             try:
                 self._watch(child)

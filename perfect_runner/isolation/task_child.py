@@ -22,7 +22,7 @@ from ..sdk import runtime
 from ..sdk.errors import TaskTimeout
 from ..sdk.registry import TaskDefinition, get_registry
 from ..sdk.result import TaskResult
-from .child_bootstrap import SOFT_STOP_SIGNAL
+from .child_bootstrap import SOFT_STOP_SIGNAL, apply_setup
 from .protocol import (
     Message,
     Progress,
@@ -67,6 +67,7 @@ def run_task(chan: socket.socket) -> int:
     request, blob = recv_message(chan)
     if not isinstance(request, RunTask):
         raise TypeError(f"expected run_task, got {request.TYPE}")
+    apply_setup(request.setup)
     lock = threading.Lock()
     reply, reply_blob = _execute(request, blob, TaskRuntime(chan, lock))
     sys.stdout.flush()
