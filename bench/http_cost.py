@@ -34,14 +34,7 @@ import requests
 from common import Row, Stats, print_table
 
 sys.path.insert(0, str(common.REPO / "tests"))
-import fake_perfect  # noqa: E402
 from fake_perfect import FakePerfect, Recorded  # noqa: E402
-
-# The fake's handler writes the status line + headers and then the body in two sends;
-# with Nagle on, the client's delayed ACK holds the body back ~40 ms, so EVERY request
-# to the fake took ~42 ms (measured). Express/Node sets TCP_NODELAY on its sockets
-# (http.createServer noDelay defaults to true), so the bench does the same.
-fake_perfect._Handler.disable_nagle_algorithm = True
 
 LOGS = "/api/flows/*/logs"
 
@@ -266,8 +259,8 @@ def _print_burst(fake: FakePerfect, out: Path) -> list[float]:
 
 def main(quick: bool = False) -> list[Row]:
     seconds = 2.0
-    rounds = 2 if quick else 4
-    bursts = 3 if quick else 5
+    rounds = 1 if quick else 4
+    bursts = 2 if quick else 5
     directory = common.work_dir("http")
     burst_out = directory / "burst.txt"
     module = common.write_module(directory, "http_flows",

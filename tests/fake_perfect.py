@@ -99,6 +99,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like Express
+    # Node's HTTP server turns Nagle off; with it on, headers and body written
+    # separately wait ~40 ms for the client's delayed ACK on every request.
+    disable_nagle_algorithm = True
     fake: FakePerfect
 
     def setup(self) -> None:
