@@ -418,8 +418,8 @@ class FakePerfect:
         if fault is not None:
             return fault.status, fault.body, fault.headers
         body = _express_body(h.headers.get("Content-Type", ""), rec.raw)
-        if body is _BAD_JSON:
-            return 400, {"success": False, "error": "Invalid JSON body"}, {}
+        if body is _BAD_JSON:  # express.json()'s error, through Express's default handler
+            return 400, _Html(_BAD_JSON_PAGE), {}
         if rec.method == "GET" and rec.path == "/api/execution-requests":
             return 200, self._poll(h, generation), {}
         with self._cond:
@@ -496,6 +496,7 @@ class FakePerfect:
         ("POST", re.compile(r"/api/flows/([^/]+)/logs"), "_log"),
         ("POST", re.compile(r"/api/runs/([^/]+)/complete"), "_complete"),
         ("POST", re.compile(r"/api/heartbeat"), "_heartbeat"),
+        ("POST", re.compile(r"/api/client/stop"), "_client_stop"),
         ("GET", re.compile(r"/api/engine/runs"), "_list_runs"),
         ("GET", re.compile(r"/api/reports/run/([^/]+)"), "_run_report"),
         ("GET", re.compile(r"/api/reports/flow/([^/]+)"), "_flow_reports"),
@@ -517,20 +518,24 @@ class FakePerfect:
             return 400, {"success": False, "error": "Invalid flow definition: name and tasks "
                                                     "are required"}
         name = body["name"]
+        tasks = [self._library_task(name, i, t) for i, t in enumerate(body["tasks"])]
+        total = sum(t["estimatedTime"] for t in tasks)
+        for task in tasks:  # the server's weights: each task's share of the estimates
+            task["weight"] = task["estimatedTime"] / total if total else 1 / len(tasks)
         entry = {
             "id": _new_id("flow-"),
             "name": name,
             "description": body.get("description", ""),
+            "codeSnippet": "",
             "tags": body.get("tags") or {},
-            "tasks": [self._library_task(name, i, t) for i, t in enumerate(body["tasks"])],
-            "autoTrigger": bool(body.get("autoTrigger", False)),
-            "autoTriggerConfig": body.get("autoTriggerConfig", "development"),
+            "tasks": tasks,
             "createdAt": _now_ms(),
         }
         self._flows.append(entry)
-        result = copy.deepcopy(entry)
-        if entry["autoTrigger"]:
-            run = self._create_run(entry, entry["autoTriggerConfig"])
+        result = copy.deepcopy(entry)  # the real answer has no autoTrigger fields
+        if body.get("autoTrigger") is True:
+            config = body.get("autoTriggerConfig") or "development"
+            run = self._create_run(entry, config)
             self._enqueue(self._request_body(run))
         return 200, {"success": True, "flow": result}
 
@@ -544,8 +549,7 @@ class FakePerfect:
         return {
             "id": _new_id("task-"),
             "name": name,
-            "description": task.get("description", ""),
-            "weight": task.get("weight", 1),
+            "description": task.get("description") or "Registered task",
             "estimatedTime": estimate,
             "crucialPass": task.get("crucialPass", True) is not False,
         }
@@ -556,7 +560,7 @@ class FakePerfect:
     def _trigger(self, body: Any, flow_id: str) -> tuple[int, Any]:
         entry = self._find_flow(flow_id, by_name=False)
         if entry is None:
-            return 404, {"success": False, "error": "Flow not found"}
+            return 200, {"success": True}  # quirk: runId undefined, still success
         run = self._create_run(entry, _configuration(body))
         self._enqueue(self._request_body(run))
         return 200, {"success": True, "runId": run["id"]}
@@ -737,9 +741,11 @@ class FakePerfect:
                 "configuration": run["configuration"]}
         return json.dumps(body).encode()
 
-    def _enqueue(self, raw: bytes) -> None:
+    def _enqueue(self, raw: bytes, front: bool = False) -> None:
         if self._waiters:
             self._waiters.pop(0).item = raw  # the oldest waiting poller gets it
+        elif front:
+            self._queue.appendleft(raw)
         else:
             self._queue.append(raw)
         self._cond.notify_all()
@@ -761,6 +767,11 @@ class FakePerfect:
                     self._drop_waiter(waiter)
                     return b"null"
                 self._cond.wait(min(remaining, 0.05))
+            if _disconnected(h.connection):
+                # Node learns of a closed poll at once and never hands it a request; we
+                # look every 50 ms, so give back what reached a poller already gone.
+                self._enqueue(waiter.item, front=True)
+                return _ABORT
             return waiter.item
 
     def _drop_waiter(self, waiter: _Waiter) -> None:
