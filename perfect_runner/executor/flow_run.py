@@ -73,7 +73,7 @@ class FlowRun:
 
     def cancel_reason(self) -> tuple[Kind, str] | None:
         if self._cancel is None and self._deadline and time.monotonic() > self._deadline:
-            self._cancel = (Kind.TIMED_OUT, f"{self._flow_timeout:.1f}")
+            self._cancel = (Kind.FLOW_TIMEOUT, f"{self._flow_timeout:.1f}")
         return self._cancel
 
     # --- the run ----------------------------------------------------------
@@ -263,7 +263,7 @@ class FlowRun:
 
     def _on_cancelled(self) -> None:
         kind, reason = self._cancel or (Kind.CANCELLED, "")
-        if kind is Kind.TIMED_OUT:
+        if kind is Kind.FLOW_TIMEOUT:
             self._fail_flow(f"flow timed out after {reason} s")
         elif kind is Kind.WORKER_STOPPED:
             self._fail_flow("worker stopped")

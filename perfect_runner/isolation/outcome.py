@@ -18,6 +18,7 @@ class Kind(StrEnum):
     RAISED = "raised"
     UNSENDABLE = "unsendable"  # arguments or result could not cross the boundary
     TIMED_OUT = "timed out"
+    FLOW_TIMEOUT = "flow timed out"  # the whole run's @flow(timeout=...) ran out
     MEMORY = "memory limit"
     PROCS = "process limit"
     CRASHED = "crashed"  # killed by a signal the runner did not send
@@ -112,6 +113,7 @@ _NOTES = {
     Kind.RAISED: _raised,
     Kind.UNSENDABLE: lambda o: o.detail,
     Kind.TIMED_OUT: _timed_out,
+    Kind.FLOW_TIMEOUT: lambda o: f"stopped: the flow timed out after {o.detail} s",
     Kind.MEMORY: _memory,
     Kind.PROCS: lambda o: f"killed: process limit exceeded ({o.detail})",
     Kind.CRASHED: _crashed,
