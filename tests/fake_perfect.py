@@ -149,7 +149,6 @@ class FakePerfect:
         self._cond = threading.Condition()  # RLock inside: predicates may re-enter
         self._flows: list[dict[str, Any]] = []
         self._runs: dict[str, dict[str, Any]] = {}
-        self._poisoned: set[str] = set()
         self._sparse: set[str] = set()
         self._reports: dict[str, dict[str, Any]] = {}
         self._html_pages: dict[str, str] = {}
@@ -245,7 +244,7 @@ class FakePerfect:
         self._last_hb = None
         for run in self._runs.values():
             if run["state"] == "RUNNING":
-                self._fail_run(run, "[System] Server restarted; run failed")
+                self._fail_run(run, "Server was restarted")
         self._cond.notify_all()
 
     def _track(self, conn: socket.socket, add: bool) -> None:
@@ -301,7 +300,8 @@ class FakePerfect:
 
     def is_poisoned(self, run_id: str) -> bool:
         with self._cond:
-            return run_id in self._poisoned
+            run = self._runs.get(run_id)
+            return run is not None and self._save_error(run) is not None
 
     def is_sparse(self, run_id: str) -> bool:
         with self._cond:
@@ -573,59 +573,75 @@ class FakePerfect:
         return 200, {"success": True, "runId": run["id"]}
 
     def _state(self, body: Any, run_id: str, index_text: str) -> tuple[int, Any]:
+        # The real handler changes the run in memory first, then saves the whole run to
+        # SQLite; a save that fails answers 400 but the in-memory change stays.
         run = self._runs.get(run_id)
         if run is None:
             return 404, NOT_FOUND_BODY
-        if run_id in self._poisoned:
-            return 400, {"success": False, "error": "Run is corrupted"}
         body = body if isinstance(body, dict) else {}
-        if "state" not in body or not isinstance(body["state"], str):
-            self._poisoned.add(run_id)  # the real server stored `undefined` here
-            return 400, {"success": False, "error": "state is required"}
-        if not index_text.isdigit():
-            return 404, NOT_FOUND_BODY
-        task = self._task_at(run, int(index_text), body)
+        index = _parse_int(index_text)
+        if index is None or index < 0:
+            return 200, {"success": True}  # parseInt: NaN/-1 hit no array slot; nothing seen
+        task = self._task_at(run, index, body)
+        name = body.get("taskName")
+        if isinstance(name, str) and name and name != task["taskName"]:
+            task["taskName"] = name  # renamed even when the answer below is 404
+        if "crucialPass" in body and body["crucialPass"] is not None:
+            task["crucialPass"] = body["crucialPass"]
         if task["state"] in _FINAL:
             return 404, NOT_FOUND_BODY
-        name = body.get("taskName")
-        if isinstance(name, str) and name != task["taskName"]:
-            task["taskName"] = name
         self._apply_state(run, task, body)
-        return 200, {"success": True}
+        return self._saved(run)
 
     def _task_at(self, run: dict[str, Any], index: int, body: dict[str, Any]) -> dict[str, Any]:
         tasks = run["tasks"]
+        if index < len(tasks):
+            return tasks[index]
+        crucial = body.get("crucialPass")
+        task = _run_task({
+            "name": body.get("taskName") or f"Task {index + 1}",
+            "estimatedTime": self._estimate(run["flowName"], body.get("taskName"))
+            or body.get("estimatedTime") or 1000,
+        })
+        task["crucialPass"] = crucial if crucial is not None else True
         if index > len(tasks):
-            self._sparse.add(run["id"])  # a skipped index corrupts the run
+            # A skipped index: the server fills the gap with the SAME task object, so
+            # the run holds duplicate task ids and every later save of it fails.
+            self._sparse.add(run["id"])
         while len(tasks) <= index:
-            tasks.append(_run_task({
-                "name": body.get("taskName"),
-                "estimatedTime": body.get("estimatedTime") or 1000,
-                "crucialPass": body.get("crucialPass", True) is not False,
-            }))
-        return tasks[index]
+            tasks.append(task)
+        return task
+
+    def _estimate(self, flow: str, task_name: Any) -> int | None:
+        measured = self._stats.get((flow, task_name), []) if isinstance(task_name, str) else []
+        return round(sum(measured) / len(measured)) if measured else None
 
     def _apply_state(self, run: dict[str, Any], task: dict[str, Any], body: dict) -> None:
-        state = body["state"].upper()
+        state = body.get("state")
+        state = state.upper() if isinstance(state, str) else None  # None: `undefined`
         task["state"] = state
-        if "result" in body:
+        if body.get("durationMs") is not None:
+            task["durationMs"] = body["durationMs"]
+        if "result" in body and body["result"] is not None:
             task["result"] = body["result"]
-        if "crucialPass" in body:
-            task["crucialPass"] = body["crucialPass"] is not False
-        if state in ("RUNNING", "RETRYING"):
+        if state == "RUNNING":  # RETRYING is stored as is: no start time, no progress
             self._running_progress(task, body)
-        elif state == "COMPLETED":
-            task["progress"] = 100
+        elif state in _FINAL:
             task["endTime"] = _now_ms()
-            task["durationMs"] = body.get("durationMs")
-            if isinstance(task["durationMs"], int | float):
-                key = (run["flowName"], task["taskName"])
-                self._stats.setdefault(key, []).append(int(task["durationMs"]))
-        elif state == "FAILED":
-            task["endTime"] = _now_ms()
-            task["durationMs"] = body.get("durationMs")
-            if task["crucialPass"] and run["state"] not in _FINAL:
-                self._end_run(run, "FAILED")
+            if state == "COMPLETED":
+                task["progress"] = 100
+                duration = task["durationMs"]
+                if duration is None and task["startTime"] is not None:
+                    duration = _now_ms() - task["startTime"]
+                if isinstance(duration, int | float):
+                    key = (run["flowName"], task["taskName"])
+                    self._stats.setdefault(key, []).append(int(duration))
+        # Checked after every accepted update: any crucial FAILED task fails the run.
+        if any(t["state"] == "FAILED" and t["crucialPass"] is not False for t in run["tasks"]):
+            run["state"] = "FAILED"
+            run["endTime"] = _now_ms()
+            if not run["reportPath"]:
+                self._write_report(run)
 
     def _running_progress(self, task: dict[str, Any], body: dict[str, Any]) -> None:
         now = _now_ms()
@@ -634,65 +650,99 @@ class FakePerfect:
         task["runningUpdates"] = task.get("runningUpdates", 0) + 1
         estimate = task["estimatedTime"] or 0
         if estimate:
-            task["progress"] = min(99, int((now - task["startTime"]) / estimate * 100))
-        elif isinstance(body.get("progress"), int | float):
-            task["progress"] = body["progress"]
+            task["progress"] = min(99, round((now - task["startTime"]) / estimate * 100))
+        else:
+            progress = body.get("progress")
+            task["progress"] = progress if progress is not None else 50
+
+    def _save_error(self, run: dict[str, Any]) -> str | None:
+        """Why the real server's SQLite save of this run would fail (None: it saves)."""
+        seen: set[int] = set()
+        for task in run["tasks"]:
+            if task["state"] is None:
+                return "NOT NULL constraint failed: task_runs.state"
+            if id(task) in seen:
+                return "UNIQUE constraint failed: task_runs.id"
+            seen.add(id(task))
+        if any(line is None for line in run["logs"]):
+            return "NOT NULL constraint failed: logs.log_entry"
+        return None
+
+    def _saved(self, run: dict[str, Any]) -> tuple[int, Any]:
+        error = self._save_error(run)
+        if error is not None:
+            return 400, {"success": False, "error": error}
+        return 200, {"success": True}
 
     def _log(self, body: Any, run_id: str) -> tuple[int, Any]:
-        if run_id in self._poisoned:
-            return 400, {"success": False, "error": "Run is corrupted"}
-        if not isinstance(body, dict) or "log" not in body:
-            return 400, {"success": False, "error": "log is required"}
         run = self._runs.get(run_id)
-        if run is not None:  # unknown runs: accepted and dropped
-            run["logs"].append(body["log"])
-        return 200, {"success": True}
+        if run is None:  # unknown runs: accepted and dropped
+            return 200, {"success": True}
+        line = body.get("log") if isinstance(body, dict) else None
+        run["logs"].append(line)  # a missing `log` is stored as undefined: run unsaveable
+        return self._saved(run)
 
     def _complete(self, body: Any, run_id: str) -> tuple[int, Any]:
         run = self._runs.get(run_id)
         if run is None:
             return 404, {"success": False, "error": "Run not found"}
-        if run_id in self._poisoned:
-            return 400, {"success": False, "error": "Run is corrupted"}
-        if run["state"] == "FAILED":
-            return 200, {"success": True}
         count = body.get("taskCount") if isinstance(body, dict) else None
-        if isinstance(count, int):
-            del run["tasks"][count:]
+        if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+            del run["tasks"][count:]  # also on a FAILED run
         tasks = run["tasks"]
-        if any(t["state"] not in _FINAL for t in tasks):
-            return 200, {"success": True}  # stays RUNNING
-        crucial_failed = any(t["state"] == "FAILED" and t["crucialPass"] for t in tasks)
-        self._learned[run["flowName"]] = [
-            {"name": t["taskName"], "estimatedTime": t["estimatedTime"],
-             "crucialPass": t["crucialPass"]} for t in tasks
-        ]
-        self._end_run(run, "FAILED" if crucial_failed else "COMPLETED")
-        return 200, {"success": True}
+        finished = all(t["state"] in _FINAL for t in tasks)
+        crucial_failed = any(t["state"] == "FAILED" and t["crucialPass"] is not False
+                             for t in tasks)
+        if finished and not crucial_failed:
+            # Even a run already FAILED (by Stop or the watchdog, on a non-crucial task)
+            # becomes COMPLETED here.
+            run["state"] = "COMPLETED"
+            run["progress"] = 100
+            run["endTime"] = run["endTime"] or _now_ms()
+            if not run["reportPath"]:
+                self._write_report(run)
+            self._learned[run["flowName"]] = [
+                {"name": t["taskName"], "estimatedTime": t["durationMs"] or t["estimatedTime"]}
+                for t in tasks
+            ]
+        elif crucial_failed:
+            run["state"] = "FAILED"
+            run["endTime"] = run["endTime"] or _now_ms()
+            if not run["reportPath"]:
+                self._write_report(run)
+        return self._saved(run)
 
     def _heartbeat(self, body: Any) -> tuple[int, Any]:
         self._last_hb = time.monotonic()
         return 200, {"success": True}
 
+    def _client_stop(self, body: Any) -> tuple[int, Any]:
+        """The UI's Stop (no client process started by this server): every RUNNING or
+        PENDING run FAILED at once, but only its RUNNING tasks; PENDING ones stay."""
+        for run in self._runs.values():
+            if run["state"] in ("RUNNING", "PENDING"):
+                self._fail_run(run, "User stopped the client", states=("RUNNING",))
+        return 200, {"success": True, "message": "Client already stopped", "status": "stopped"}
+
     def _list_runs(self, body: Any) -> tuple[int, Any]:
         return 200, [copy.deepcopy(r) for r in reversed(self._runs.values())]
 
     def _run_report(self, body: Any, run_id: str) -> tuple[int, Any]:
+        if run_id not in self._runs:
+            return 404, {"success": False, "error": "Run not found"}
         report = self._reports.get(run_id)
         if report is None:
-            return 404, {"success": False, "error": "Report not found"}
+            return 404, {"success": False, "error": "No report exists for this run"}
         return 200, {"success": True, "report": copy.deepcopy(report)}
 
     def _flow_reports(self, body: Any, flow_name: str) -> tuple[int, Any]:
         reports = [r for r in self._reports.values() if r["flowName"] == flow_name]
-        return 200, {"success": True, "reports": copy.deepcopy(reports)}
+        return 200, {"success": True, "flowName": flow_name, "reports": copy.deepcopy(reports)}
 
     def _delete_run(self, body: Any, run_id: str) -> tuple[int, Any]:
         run = self._runs.get(run_id)
-        if run is None:
-            return 404, {"success": False, "error": "Run not found"}
-        if run["state"] not in _FINAL:
-            return 400, {"success": False, "error": "Cannot delete a running run"}
+        if run is None or run["state"] in ("RUNNING", "PENDING"):
+            return 404, {"success": False, "error": "Run not found or is currently running"}
         del self._runs[run_id]
         return 200, {"success": True}
 
@@ -713,7 +763,9 @@ class FakePerfect:
         return None
 
     def _create_run(self, entry: dict[str, Any], configuration: str) -> dict[str, Any]:
-        planned = entry["tasks"] or self._learned.get(entry["name"], [])
+        # A task list learned from an earlier COMPLETED run of that name wins over
+        # the registered one.
+        planned = self._learned.get(entry["name"]) or entry["tasks"]
         run_id = _new_id("run-")
         while run_id in self._runs:
             run_id = _new_id("run-")
@@ -785,22 +837,37 @@ class FakePerfect:
             run["progress"] = 100
         self._write_report(run)
 
-    def _fail_run(self, run: dict[str, Any], line: str) -> None:
+    def _fail_run(self, run: dict[str, Any], reason: str, *, link_report: bool = True,
+                  states: tuple[str, ...] = ("RUNNING", "PENDING")) -> None:
+        """The server failing a run itself: restart, watchdog, the UI's Stop."""
         for task in run["tasks"]:
-            if task["state"] in ("RUNNING", "PENDING"):
+            if task["state"] in states:
                 task["state"] = "FAILED"
                 task["endTime"] = _now_ms()
-        run["logs"].append(line)
-        self._end_run(run, "FAILED")
+                task["logs"].append(f"[System] Task failed: {reason}")
+        run["logs"].append(f"[System] Flow failed: {reason}")
+        run["state"] = "FAILED"
+        run["endTime"] = _now_ms()
+        if not link_report:
+            # The watchdog writes the HTML file but never stores its path on the run:
+            # GET /api/reports/run/{id} answers 404 for such a run.
+            self._report_page(run)
+        elif not run["reportPath"]:
+            self._write_report(run)
 
-    def _write_report(self, run: dict[str, Any]) -> None:
+    def _report_page(self, run: dict[str, Any]) -> str:
         folder = run["flowName"].replace(" ", "_")
         url = f"/Reports/{folder}/{run['id']}.html"
         html = f"<html><body><h1>{run['flowName']}</h1><p>{run['state']}</p></body></html>"
         self._html_pages[url] = html
+        return url
+
+    def _write_report(self, run: dict[str, Any]) -> None:
+        url = self._report_page(run)
         self._reports[run["id"]] = {
             "runId": run["id"], "flowName": run["flowName"], "url": url,
-            "path": url.lstrip("/"), "size": len(html), "createdAt": _now_ms(),
+            "path": url.lstrip("/"), "size": len(self._html_pages[url]),
+            "createdAt": _now_ms(),
         }
         run["reportPath"] = url.lstrip("/")
 
@@ -821,10 +888,12 @@ class FakePerfect:
         for run in self._runs.values():
             if run["state"] not in ("RUNNING", "PENDING"):
                 continue
-            if run["id"] in self._poisoned:
-                return True  # its `undefined` state crashes the real watchdog
-            self._fail_run(run, "[System] Connection to client lost (no heartbeat); "
-                                "run failed")
+            # The real watchdog saves each run it fails; a run SQLite cannot hold (an
+            # `undefined` state or log line, duplicate task rows) throws in its timer
+            # and the whole server process dies.
+            self._fail_run(run, "Lost connection to Python client", link_report=False)
+            if self._save_error(run) is not None:
+                return True
             failed += 1
         if failed:
             self._last_hb = None  # forgotten only when something was failed
@@ -846,7 +915,7 @@ def _run_task(task: dict[str, Any]) -> dict[str, Any]:
         "progress": 0,
         "durationMs": None,
         "result": None,
-        "crucialPass": task.get("crucialPass", True) is not False,
+        "crucialPass": None,  # unknown until the client sends it; None counts as crucial
         "estimatedTime": task.get("estimatedTime", 1000),
         "startTime": None,
         "endTime": None,
@@ -861,6 +930,15 @@ def _configuration(body: Any) -> str:
 
 
 _BAD_JSON = object()
+_BAD_JSON_PAGE = ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+                  '<title>Error</title>\n</head>\n<body>\n<pre>SyntaxError: invalid JSON'
+                  '</pre>\n</body>\n</html>\n')
+
+
+def _parse_int(text: str) -> int | None:
+    """JavaScript's parseInt(text, 10): leading digits, else None (NaN)."""
+    match = re.match(r"\s*([+-]?\d+)", text)
+    return int(match.group(1)) if match else None
 
 
 def _reject_constant(name: str) -> Any:

@@ -99,7 +99,11 @@ def test_trigger_creates_pending_run_consumes_entry_and_queues_request(fake: Fak
     assert fake.flows == []
     assert get(fake, "/api/execution-requests").json() == {
         "run_id": run_id, "flow_name": "Daily Sales ETL", "configuration": "production"}
-    assert post(fake, f"/api/engine/trigger/{flow_id}", {}).status_code == 404
+    again = post(fake, f"/api/engine/trigger/{flow_id}", {})  # consumed: no run, no error
+    assert again.status_code == 200 and again.json() == {"success": True}
+    unknown = post(fake, "/api/engine/trigger/flow-nope", {})
+    assert unknown.status_code == 200 and unknown.json() == {"success": True}
+    assert fake.queued == 0
 
 
 def test_client_run_queues_nothing_and_unknown_flow_has_no_run_id(fake: FakePerfect) -> None:
@@ -118,6 +122,10 @@ def test_run_uses_task_list_learned_from_earlier_runs(fake: FakePerfect) -> None
     post(fake, f"/api/runs/{run_id}/complete", {"taskCount": 2})
     second = client_run(fake, "Learn", [])
     assert [t["taskName"] for t in fake.run(second)["tasks"]] == ["a", "b"]
+    # the learned list wins over the registered one, and run tasks carry no crucialPass
+    third = client_run(fake, "Learn", [{"name": "x", "crucialPass": False}])
+    tasks = fake.run(third)["tasks"]
+    assert [(t["taskName"], t["crucialPass"]) for t in tasks] == [("a", None), ("b", None)]
 
 
 # -- long poll ---------------------------------------------------------------
@@ -190,8 +198,25 @@ def test_dynamic_task_and_rename(fake: FakePerfect) -> None:
     names = [t["taskName"] for t in fake.run(run_id)["tasks"]]
     assert names == ["renamed", "clean", "load", "extra"]
     assert not fake.is_sparse(run_id)
-    state(fake, run_id, 9, {"state": "RUNNING", "taskName": "far"})
-    assert fake.is_sparse(run_id)
+    assert state(fake, run_id, 9, {"state": "RUNNING", "taskName": "far"}).status_code == 400
+    assert fake.is_sparse(run_id) and fake.is_poisoned(run_id)  # duplicate task rows
+    assert post(fake, f"/api/runs/{run_id}/complete", {"taskCount": 10}).json() == {
+        "success": False, "error": "UNIQUE constraint failed: task_runs.id"}
+
+
+def test_odd_indexes_are_accepted_and_change_nothing(fake: FakePerfect) -> None:
+    run_id = client_run(fake)
+    for index in ("abc", "-1"):
+        answer = post(fake, f"/api/runs/{run_id}/tasks/{index}/state", {"state": "RUNNING"})
+        assert answer.status_code == 200
+    assert [t["state"] for t in fake.run(run_id)["tasks"]] == ["PENDING"] * 3
+
+
+def test_404_on_a_finished_task_still_renames_it(fake: FakePerfect) -> None:
+    run_id = client_run(fake)
+    state(fake, run_id, 0, {"state": "COMPLETED"})
+    assert state(fake, run_id, 0, {"state": "RUNNING", "taskName": "other"}).status_code == 404
+    assert fake.run(run_id)["tasks"][0]["taskName"] == "other"
 
 
 def test_404_for_unknown_run_and_for_finished_task(fake: FakePerfect) -> None:
@@ -205,13 +230,28 @@ def test_404_for_unknown_run_and_for_finished_task(fake: FakePerfect) -> None:
     assert task["progress"] == 100 and task["durationMs"] == 10
 
 
-def test_update_without_state_poisons_the_run(fake: FakePerfect) -> None:
+def test_update_without_state_poisons_the_run_until_that_task_gets_a_state(
+    fake: FakePerfect,
+) -> None:
     run_id = client_run(fake)
-    assert state(fake, run_id, 0, {"progress": 3}).status_code == 400
+    refused = {"success": False, "error": "NOT NULL constraint failed: task_runs.state"}
+    assert state(fake, run_id, 0, {"progress": 3}).json() == refused
     assert fake.is_poisoned(run_id)
-    assert state(fake, run_id, 0, {"state": "RUNNING"}).status_code == 400
+    assert state(fake, run_id, 1, {"state": "RUNNING"}).status_code == 400
     assert post(fake, f"/api/flows/{run_id}/logs", {"log": "x"}).status_code == 400
     assert post(fake, f"/api/runs/{run_id}/complete", {"taskCount": 1}).status_code == 400
+    assert fake.logs(run_id) == ["x"]  # refused with 400, yet kept in memory
+    assert state(fake, run_id, 0, {"state": "RUNNING"}).status_code == 200  # healed
+    assert not fake.is_poisoned(run_id)
+
+
+def test_log_without_log_poisons_the_run_for_good(fake: FakePerfect) -> None:
+    run_id = client_run(fake)
+    refused = {"success": False, "error": "NOT NULL constraint failed: logs.log_entry"}
+    assert post(fake, f"/api/flows/{run_id}/logs", {}).json() == refused
+    assert state(fake, run_id, 0, {"state": "RUNNING"}).json() == refused
+    assert post(fake, f"/api/flows/{run_id}/logs", {"log": "ok"}).json() == refused
+    assert fake.is_poisoned(run_id)
 
 
 def test_nan_body_is_refused_without_poisoning(fake: FakePerfect) -> None:
@@ -234,7 +274,7 @@ def test_crucial_failure_fails_run_at_once_but_pending_tasks_still_accept(
     assert run["state"] == "FAILED" and run["reportPath"]
     assert get(fake, f"/api/reports/run/{run_id}").status_code == 200
     assert state(fake, run_id, 1, {"state": "RUNNING"}).status_code == 200
-    assert state(fake, run_id, 5, {"state": "RUNNING", "taskName": "zombie"}).status_code == 200
+    assert state(fake, run_id, 3, {"state": "RUNNING", "taskName": "zombie"}).status_code == 200
 
 
 def test_non_crucial_failure_keeps_run_running(fake: FakePerfect) -> None:
@@ -287,6 +327,18 @@ def test_complete_zero_unknown_and_failed(fake: FakePerfect) -> None:
     state(fake, failed, 0, {"state": "FAILED"})
     assert post(fake, f"/api/runs/{failed}/complete", {"taskCount": 1}).status_code == 200
     assert fake.run(failed)["state"] == "FAILED"
+    assert len(fake.run(failed)["tasks"]) == 1  # truncated all the same
+
+
+def test_complete_turns_a_stopped_run_completed_when_no_crucial_task_failed(
+    fake: FakePerfect,
+) -> None:
+    run_id = client_run(fake, tasks=[{"name": "a"}, {"name": "b"}])
+    state(fake, run_id, 0, {"state": "RUNNING", "crucialPass": False})
+    post(fake, "/api/client/stop", {})
+    assert fake.run(run_id)["state"] == "FAILED"
+    post(fake, f"/api/runs/{run_id}/complete", {"taskCount": 1})
+    assert fake.run(run_id)["state"] == "COMPLETED"
 
 
 def test_complete_with_failed_crucial_task_fails_the_run(fake: FakePerfect) -> None:
@@ -311,8 +363,12 @@ def test_watchdog_fails_running_runs_and_forgets_the_timestamp(fake: FakePerfect
     fake.wait_for(lambda: fake.run(run_id)["state"] == "FAILED", timeout=5)
     run = fake.run(run_id)
     assert [t["state"] for t in run["tasks"]] == ["FAILED"] * 3
-    assert any("Connection to client lost" in line for line in run["logs"])
+    assert run["logs"][-1] == "[System] Flow failed: Lost connection to Python client"
+    assert run["tasks"][1]["logs"] == ["[System] Task failed: Lost connection to Python client"]
     assert fake.last_heartbeat is None
+    assert run["reportPath"] is None  # the watchdog writes the file but never links it
+    assert get(fake, f"/api/reports/run/{run_id}").json() == {
+        "success": False, "error": "No report exists for this run"}
 
 
 def test_no_heartbeat_ever_means_no_watchdog(fake: FakePerfect) -> None:
@@ -335,9 +391,13 @@ def test_stale_timestamp_fails_the_next_run_unless_a_heartbeat_comes_first(
     assert fake.run(saved)["state"] == "RUNNING"
 
 
-def test_watchdog_on_a_poisoned_run_crashes_the_server(fake: FakePerfect) -> None:
+@pytest.mark.parametrize("poison", ["state", "log"])
+def test_watchdog_on_a_poisoned_run_crashes_the_server(fake: FakePerfect, poison: str) -> None:
     run_id = client_run(fake)
-    state(fake, run_id, 0, {})
+    if poison == "state":
+        state(fake, run_id, 0, {})
+    else:
+        post(fake, f"/api/flows/{run_id}/logs", {})
     post(fake, "/api/heartbeat")
     fake.wait_for(lambda: fake.crashed, timeout=5)
     with pytest.raises(requests.ConnectionError):
@@ -350,15 +410,41 @@ def test_watchdog_on_a_poisoned_run_crashes_the_server(fake: FakePerfect) -> Non
 def test_runs_newest_first_reports_and_delete(fake: FakePerfect) -> None:
     older, newer = client_run(fake, "A"), client_run(fake, "B")
     assert [r["id"] for r in get(fake, "/api/engine/runs").json()] == [newer, older]
-    assert get(fake, f"/api/reports/run/{older}").status_code == 404
-    assert requests.delete(f"{fake.url}/api/runs/{older}", timeout=5).status_code == 400
+    assert get(fake, f"/api/reports/run/{older}").json() == {
+        "success": False, "error": "No report exists for this run"}
+    assert get(fake, "/api/reports/run/run-nope").json() == {
+        "success": False, "error": "Run not found"}
+    running = requests.delete(f"{fake.url}/api/runs/{older}", timeout=5)
+    assert running.status_code == 404
+    assert running.json() == {"success": False, "error": "Run not found or is currently running"}
     post(fake, f"/api/runs/{older}/complete", {"taskCount": 0})
     report = get(fake, f"/api/reports/run/{older}").json()["report"]
     assert "<html>" in get(fake, report["url"]).text
-    assert len(get(fake, "/api/reports/flow/A").json()["reports"]) == 1
+    flow_reports = get(fake, "/api/reports/flow/A").json()
+    assert flow_reports["flowName"] == "A" and len(flow_reports["reports"]) == 1
     assert requests.delete(f"{fake.url}/api/runs/{older}", timeout=5).status_code == 200
     assert requests.delete(f"{fake.url}/api/runs/{older}", timeout=5).status_code == 404
     assert list(fake.runs) == [newer]
+
+
+def test_ui_stop_fails_running_runs_but_only_their_running_tasks(fake: FakePerfect) -> None:
+    run_id = client_run(fake)
+    state(fake, run_id, 0, {"state": "RUNNING"})
+    answer = post(fake, "/api/client/stop", {})
+    assert answer.json() == {"success": True, "message": "Client already stopped",
+                             "status": "stopped"}
+    run = fake.run(run_id)
+    assert run["state"] == "FAILED" and run["reportPath"]
+    assert [t["state"] for t in run["tasks"]] == ["FAILED", "PENDING", "PENDING"]
+    assert run["logs"] == ["[System] Flow failed: User stopped the client"]
+    assert state(fake, run_id, 0, {"state": "RUNNING"}).status_code == 404
+
+
+def test_bad_json_is_express_default_html_400(fake: FakePerfect) -> None:
+    answer = requests.post(f"{fake.url}/api/flows", data=b"{bad",
+                           headers={"Content-Type": "application/json"}, timeout=5)
+    assert answer.status_code == 400
+    assert answer.headers["Content-Type"].startswith("text/html")
 
 
 # -- test controls -----------------------------------------------------------
