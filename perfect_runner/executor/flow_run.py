@@ -53,6 +53,7 @@ class FlowRun:
         self.options = options
         self.loop = SelectorLoop()
         self.spare = WarmSpare(launcher, self.loop, options.max_result)
+        self._retiring: list[ChildProcess] = []
         self._cancel: tuple[Kind, str] | None = None
         self._lock = threading.Lock()
         self._crucial_failed = False
@@ -109,6 +110,7 @@ class FlowRun:
         finally:
             self.spare.discard()
             flow.stop()
+            self._await_retired()  # nothing the run started outlives it
 
     def _serve(self, flow: ChildProcess) -> None:
         """Answer the flow process's task calls until its body is done."""
@@ -141,6 +143,7 @@ class FlowRun:
         if self._crucial_failed:
             return TaskReply(action="fail", task_name=call.name,
                              note="the flow already failed; no more tasks run"), b""
+        self._await_retired()  # the previous task's processes are gone before this one
         task = self._new_task(call)
         self.listener.task_started(self.run, task)
         if call.args_error:
@@ -198,7 +201,20 @@ class FlowRun:
                 lambda stream, lines: self.listener.task_output(self.run, task, stream, lines),
                 tick, self.options.progress_interval, self.cancel_reason,
             )
-            return supervisor.run(request, args_blob, self.spare.take(), self.spare.prepare)
+            outcome = supervisor.run(request, args_blob, self.spare.take(), self.spare.prepare)
+        self._retire(supervisor.leftover)
+        return outcome
+
+    def _retire(self, child: ChildProcess | None) -> None:
+        """A killed task process still exiting: its exit is awaited later, in the
+        time the flow body spends between two task calls."""
+        if child is not None:
+            self._retiring.append(child)
+
+    def _await_retired(self) -> None:
+        for child in self._retiring:
+            child.stop()
+        self._retiring.clear()
 
     def _pause(self, seconds: float) -> None:
         end = time.monotonic() + seconds

@@ -149,7 +149,7 @@ class ChildProcess:
         for stream, fd in self._fds.items():
             while fd >= 0 and _readable(fd) and self._read_output(stream):
                 pass
-        while _readable(self.chan.fileno()) and self._read_channel():
+        while self.chan.fileno() >= 0 and _readable(self.chan.fileno()) and self._read_channel():
             pass
         for stream in self._fds:
             self._flush_partial(stream)
@@ -163,13 +163,18 @@ class ChildProcess:
         self.drain()
         self.close()
 
-    def close(self) -> None:
+    def close_io(self) -> None:
+        """Close pipes and channel; the pidfd stays watched until the process is gone."""
         for fd in self._fds.values():
-            self.loop.remove(fd)
-            close_quietly(fd)
+            if fd >= 0:
+                self.loop.remove(fd)
+                close_quietly(fd)
         self._fds = {"stdout": -1, "stderr": -1}
         self.loop.remove(self.chan)
         self.chan.close()
+
+    def close(self) -> None:
+        self.close_io()
         self.loop.remove(self.handle.pidfd)
         self.handle.close()
 

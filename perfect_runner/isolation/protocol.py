@@ -38,7 +38,9 @@ Task channel::
                       | TaskUnsendable (no blob)                  }
 
 A task process that exits without its final frame lost its result, whatever
-its exit code.
+its exit code. Once the final frame is in, the task is over: the supervisor
+does not wait for the process to exit (it kills what is left of its tree, and
+the fork server reaps it), so exiting is off the task call's critical path.
 
 Flow channel::
 
@@ -123,6 +125,7 @@ class TaskReturned(Message):
     passed: bool = True
     note: str = ""
     table: list[Any] = field(default_factory=list)
+    peak_rss: int = 0  # bytes, the task process and its reaped children
 
 
 @dataclass
@@ -133,6 +136,7 @@ class TaskRaised(Message):
     exc_type: str
     message: str
     traceback: str
+    peak_rss: int = 0
 
 
 @dataclass
@@ -141,6 +145,7 @@ class TaskUnsendable(Message):
 
     TYPE: ClassVar[str] = "task_unsendable"
     note: str
+    peak_rss: int = 0
 
 
 # --- flow channel -------------------------------------------------------------

@@ -89,6 +89,7 @@ class TaskSupervisor:
         self.peak_rss = 0
         self.forced: tuple[Kind, str] | None = None
         self.deadlines = Deadlines()
+        self.leftover: ChildProcess | None = None  # killed, not yet gone
 
     def run(self, request: RunTask, args_blob: bytes, spare: ChildProcess | None = None,
             on_sent: Callable[[], None] | None = None) -> Outcome:
@@ -117,7 +118,13 @@ class TaskSupervisor:
             child.drain()
             return self._outcome(child)
         finally:
-            child.close()
+            if child.running:
+                # Killed, but its exit (page tables of a big process) takes a while:
+                # the caller waits for it later, off the critical path.
+                child.close_io()
+                self.leftover = child
+            else:
+                child.close()
 
     def _watch(self, child: ChildProcess) -> None:
         start = time.monotonic()
@@ -126,10 +133,11 @@ class TaskSupervisor:
             self.deadlines.sample = start + self.limits.memory_sample_interval
         if self.limits.timeout is not None:
             self.deadlines.timeout = start + self.limits.timeout
-        while child.running:
+        # Until it exits, or sends its final frame (then it is done, whatever follows).
+        while child.running and not child.frames:
             self.loop.poll(self.deadlines.next_wake(time.monotonic()))
             self._take_frames(child)
-            if child.running:
+            if child.running and not child.frames:
                 self._act(child, time.monotonic())
 
     def _act(self, child: ChildProcess, now: float) -> None:
@@ -194,7 +202,9 @@ class TaskSupervisor:
             outcome.kind, outcome.detail = Kind.PROTOCOL, child.protocol_error
             return outcome
         if child.frames:
-            return _from_final_frame(outcome, *child.frames[-1])
+            message, blob = child.frames[-1]
+            outcome.peak_rss = max(outcome.peak_rss, getattr(message, "peak_rss", 0))
+            return _from_final_frame(outcome, message, blob)
         if exit_info and exit_info.signal:
             outcome.kind = Kind.CRASHED
         return outcome

@@ -8,6 +8,7 @@ JSON summary in the frame header.
 from __future__ import annotations
 
 import pickle
+import resource
 import signal
 import socket
 import sys
@@ -72,9 +73,16 @@ def run_task(chan: socket.socket) -> int:
     reply, reply_blob = _execute(request, blob, TaskRuntime(chan, lock))
     sys.stdout.flush()
     sys.stderr.flush()
+    reply.peak_rss = _peak_rss()
     with lock:
         send_message(chan, reply, reply_blob, max_blob=request.max_result)
     return 0
+
+
+def _peak_rss() -> int:
+    usage = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return usage * 1024
 
 
 def _execute(request: RunTask, blob: bytes, task_runtime: TaskRuntime) -> tuple[Message, bytes]:
