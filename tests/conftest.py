@@ -201,3 +201,15 @@ def run_cli(*args: str, cwd: Path, timeout: float = 45) -> CliResult:
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
     )
     return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+# --- the worker against the fake backend --------------------------------------------
+
+
+@pytest.fixture
+def fake():
+    """A fake Perfect backend on 127.0.0.1 (see fake_perfect.py), 2 s long-poll hold."""
+    from fake_perfect import FakePerfect
+
+    with FakePerfect(poll_hold=2.0) as server:
+        yield server

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import psutil
 import pytest
 import requests
 from fake_perfect import FakePerfect
+from worker_process import start_worker, stop_worker
 
 FLOWS = textwrap.dedent('''
     import os, sys, time
@@ -57,21 +57,6 @@ def flows_module(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def fake():
-    with FakePerfect(poll_hold=2.0) as server:
-        yield server
-
-
-def start_worker(fake: FakePerfect, module: Path, tmp_path: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "MARKER_DIR": str(tmp_path)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "perfect_runner", "--flows", str(module), "--server", fake.url,
-         "--log-dir", str(tmp_path / "logs"), "--progress-interval", "0.2", *extra],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-
-
 def descendants_of(pid: int) -> list[int]:
     try:
         return [p.pid for p in psutil.Process(pid).children(recursive=True)]
@@ -83,27 +68,15 @@ def finished(fake: FakePerfect, run_id: str) -> bool:
     return fake.run(run_id)["state"] in ("COMPLETED", "FAILED")
 
 
-def ui_stop(fake: FakePerfect, run_id: str) -> None:
-    """What the UI's Stop does to a run: it and its unfinished tasks become FAILED."""
-    with fake._cond:
-        run = fake._runs[run_id]
-        run["state"] = "FAILED"
-        for task in run["tasks"]:
-            if task["state"] in ("PENDING", "RUNNING", "RETRYING"):
-                task["state"] = "FAILED"
-
-
-def stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=10)
-    return out
+def ui_stop(fake: FakePerfect) -> None:
+    """The UI's Stop button: the backend fails every RUNNING run and task at once."""
+    requests.post(f"{fake.url}/api/client/stop", timeout=5).raise_for_status()
 
 
 @pytest.mark.timeout(60)
 def test_triggered_run_is_reported_in_order_and_flow_stays_in_library(fake, flows_module,
                                                                        tmp_path):
-    worker = start_worker(fake, flows_module, tmp_path)
+    worker = start_worker(fake.url, flows_module, tmp_path)
     try:
         fake.wait_for(lambda: len(fake.flows) == 2, 15)
         first_request = fake.requests[0]
@@ -135,13 +108,13 @@ def test_triggered_run_is_reported_in_order_and_flow_stays_in_library(fake, flow
         # Triggering removed the flow from the library; the worker put it back.
         fake.wait_for(lambda: any(f["name"] == "Quick Flow" for f in fake.flows), 10)
     finally:
-        stop(worker)
+        stop_worker(worker)
     assert worker.returncode == 0
 
 
 @pytest.mark.timeout(60)
 def test_unknown_flow_fails_task_zero_and_worker_goes_on(fake, flows_module, tmp_path):
-    worker = start_worker(fake, flows_module, tmp_path)
+    worker = start_worker(fake.url, flows_module, tmp_path)
     try:
         fake.wait_for(lambda: len(fake.flows) == 2, 15)
         # A run the backend knows from another client's registration.
@@ -157,12 +130,12 @@ def test_unknown_flow_fails_task_zero_and_worker_goes_on(fake, flows_module, tmp
         fake.wait_for(lambda: finished(fake, ok_id), 20)
         assert fake.run(ok_id)["state"] == "COMPLETED"
     finally:
-        stop(worker)
+        stop_worker(worker)
 
 
 @pytest.mark.timeout(60)
 def test_sigterm_mid_task_exits_quickly_and_leaves_nothing(fake, flows_module, tmp_path):
-    worker = start_worker(fake, flows_module, tmp_path, "--shutdown-grace", "1")
+    worker = start_worker(fake.url, flows_module, tmp_path, "--shutdown-grace", "1")
     try:
         fake.wait_for(lambda: len(fake.flows) == 2, 15)
         run_id = fake.trigger("Slow Flow")
@@ -181,12 +154,12 @@ def test_sigterm_mid_task_exits_quickly_and_leaves_nothing(fake, flows_module, t
         assert not [p for p in children if psutil.pid_exists(p) and
                     psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     finally:
-        stop(worker)
+        stop_worker(worker)
 
 
 @pytest.mark.timeout(60)
 def test_sigkill_of_worker_leaves_no_process(fake, flows_module, tmp_path):
-    worker = start_worker(fake, flows_module, tmp_path)
+    worker = start_worker(fake.url, flows_module, tmp_path)
     try:
         fake.wait_for(lambda: len(fake.flows) == 2, 15)
         fake.trigger("Slow Flow")
@@ -198,12 +171,12 @@ def test_sigkill_of_worker_leaves_no_process(fake, flows_module, tmp_path):
                                          if psutil.pid_exists(p)], timeout=3)
         assert not alive
     finally:
-        stop(worker)
+        stop_worker(worker)
 
 
 @pytest.mark.timeout(60)
 def test_ui_stop_404_kills_the_running_task(fake, flows_module, tmp_path):
-    worker = start_worker(fake, flows_module, tmp_path)
+    worker = start_worker(fake.url, flows_module, tmp_path)
     try:
         fake.wait_for(lambda: len(fake.flows) == 2, 15)
         run_id = fake.trigger("Slow Flow")
@@ -211,7 +184,7 @@ def test_ui_stop_404_kills_the_running_task(fake, flows_module, tmp_path):
         task_pid = int(marker[0].name.split("-")[1])
         fake.wait_for(lambda: len(fake.run(run_id)["tasks"]) > 1
                       and fake.run(run_id)["tasks"][1]["state"] == "RUNNING", 10)
-        ui_stop(fake, run_id)
+        ui_stop(fake)
         psutil.wait_procs([psutil.Process(task_pid)], timeout=5)
         assert not psutil.pid_exists(task_pid) or (
             psutil.Process(task_pid).status() == psutil.STATUS_ZOMBIE)
@@ -220,12 +193,12 @@ def test_ui_stop_404_kills_the_running_task(fake, flows_module, tmp_path):
         fake.wait_for(lambda: finished(fake, ok_id), 20)
         assert fake.run(ok_id)["state"] == "COMPLETED"
     finally:
-        stop(worker)
+        stop_worker(worker)
 
 
 @pytest.mark.timeout(90)
 def test_two_workers_never_run_the_same_run_twice(fake, flows_module, tmp_path):
-    workers = [start_worker(fake, flows_module, tmp_path) for _ in range(2)]
+    workers = [start_worker(fake.url, flows_module, tmp_path) for _ in range(2)]
     try:
         fake.wait_for(lambda: len(fake.flows) == 4, 15)
         run_ids = []
@@ -241,7 +214,7 @@ def test_two_workers_never_run_the_same_run_twice(fake, flows_module, tmp_path):
             assert len(completes) == 1
     finally:
         for worker in workers:
-            stop(worker)
+            stop_worker(worker)
 
 
 @pytest.mark.timeout(60)

@@ -9,12 +9,8 @@ and on requests the fake records, never on sleeps.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -24,6 +20,7 @@ import psutil
 import pytest
 import requests
 from fake_perfect import FakePerfect, Recorded
+from worker_process import start_worker, stop_worker, worker_output
 
 FLOWS = textwrap.dedent('''
     import os, sys, time
@@ -124,38 +121,6 @@ def flows_module(tmp_path: Path) -> Path:
     path = tmp_path / "fault_flows.py"
     path.write_text(FLOWS)
     return path
-
-
-@pytest.fixture
-def fake():
-    with FakePerfect(poll_hold=2.0) as server:
-        yield server
-
-
-def start_worker(url: str, module: Path, tmp_path: Path, *extra: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERFECT_")}
-    env["MARKER_DIR"] = str(tmp_path)
-    with open(tmp_path / "worker.out", "w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "perfect_runner", "--flows", str(module), "--server", url,
-             "--log-dir", str(tmp_path / "logs"), "--progress-interval", "0.2", *extra],
-            cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def stop_worker(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def worker_output(tmp_path: Path) -> str:
-    return (tmp_path / "worker.out").read_text(errors="replace")
 
 
 def finished(fake: FakePerfect, run_id: str) -> bool:
