@@ -16,10 +16,12 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
-bench: install
+bench: $(PY)
+	$(PY) -m pip install -q -e '.[test,dev,bench]'
 	$(PY) bench/run_all.py
 
-bench-quick: install
+bench-quick: $(PY)
+	$(PY) -m pip install -q -e '.[test,dev,bench]'
 	$(PY) bench/run_all.py --quick
 
 lint: install

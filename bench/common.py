@@ -63,12 +63,15 @@ class Row:
     target: str
     measured: str
     passed: bool | None  # None: informational, no target
+    skipped: bool = False  # not measured here (a baseline's tool is missing): not a miss
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @property
     def verdict(self) -> str:
+        if self.skipped:
+            return "skipped"
         return "info" if self.passed is None else ("pass" if self.passed else "MISS")
 
 

@@ -10,19 +10,26 @@ round by round:
 - os.fork() + pipe + pickled result: the floor;
 - multiprocessing.Process, fork context (for reference);
 - multiprocessing.Process, forkserver as shipped, the module preloaded;
-- ProcessPoolExecutor(max_tasks_per_child=1) (spawn, as 3.11 picks for it).
+- ProcessPoolExecutor(max_tasks_per_child=1) (spawn, as 3.11 picks for it);
+- RQ: N no-op jobs on a Redis-backed rq Queue run by a real rq Worker
+  (`Worker.work(burst=True)`, a work horse forked per job) against a
+  redis-server the bench starts; one sample per round = batch time / N, from
+  enqueue of the first job to the burst worker's return (see _rq_bench.py).
+  Without redis-server or rq it is reported as skipped.
 
 The baselines run in a small fresh interpreter that imported the flows
 module, like perfect_runner's fork server.
 
 Targets: default median <= 3 ms, <= 3x the fork floor, and >= 6x faster than
-multiprocessing's forkserver.
+multiprocessing's forkserver and than RQ.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+import _rq_bench
 import common
 from common import TIMING_HEADERS, NoopFlows, Row, Stats, helper, interleave, print_table
 
@@ -34,7 +41,41 @@ LABELS = {
     "mp_fork": "mp.Process, fork",
     "mp_forkserver": "mp.Process, forkserver+preload",
     "pool_mtpc1": "ProcessPool(max_tasks_per_child=1)",
+    "rq": "rq Worker, fork per job (per-job, per batch)",
 }
+
+
+class RqVariant:
+    """The RQ baseline as an interleaved variant: one batch in each of its first `rounds` rounds.
+
+    `reason` says why it is not measured (skipped); `error` why a batch failed.
+    """
+
+    def __init__(self, jobs: int, rounds: int, module: str, directory: Path) -> None:
+        self.jobs, self.rounds, self.module = jobs, rounds, module
+        self.done = 0
+        self.server = None
+        self.error = ""
+        self.reason = _rq_bench.unavailable() or ""
+        if not self.reason:
+            try:
+                self.server = _rq_bench.RedisServer(directory)
+            except (OSError, RuntimeError) as exc:
+                self.reason = str(exc)
+
+    def batch(self) -> list[float]:
+        if self.done >= self.rounds or self.error:
+            return []
+        self.done += 1
+        try:
+            return _rq_bench.batch(self.jobs, self.module, self.server.port)
+        except Exception as exc:  # reported in the table; the other variants go on
+            self.error = str(exc)
+            return []
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
 
 
 def main(quick: bool = False) -> list[Row]:
@@ -43,25 +84,37 @@ def main(quick: bool = False) -> list[Row]:
              "inprocess": 100 if quick else 500, "fork": 100 if quick else 500,
              "mp_fork": 100 if quick else 300, "mp_forkserver": 15 if quick else 80,
              "pool_mtpc1": 8 if quick else 30}
+    rq_jobs, rq_rounds = (20, 1) if quick else (100, rounds)
     directory = common.work_dir("start")
     module = common.noop_flows_module(directory)
     default = NoopFlows(module, calls["pr_default"])
     spawn = NoopFlows(module, calls["pr_spawn"], "spawn")
+    rq = RqVariant(rq_jobs, rq_rounds, module, directory)
     try:
         default.batch()  # warm-up: first run, not timed
         variants = {"pr_default": default.batch, "pr_spawn": spawn.batch}
         for name in ("inprocess", "fork", "mp_fork", "mp_forkserver", "pool_mtpc1"):
             variants[name] = lambda n=name: helper([n, str(calls[n]), module])
+        if not rq.reason:
+            variants["rq"] = rq.batch
         print(f"item 1: task start overhead ({rounds} rounds, interleaved)", file=sys.stderr)
         pooled = interleave(variants, rounds)
     finally:
         default.close()
         spawn.close()
+        rq.close()
 
     calls_note = ", ".join(f"{k}={v}" for k, v in calls.items())
+    rq_note = (f"rq={rq_jobs} jobs in each of {rq_rounds} round(s), one sample per batch: "
+               f"enqueue of the first -> burst worker done, / {rq_jobs}")
+    table = common.timing_rows(pooled, "fork", LABELS)
+    if rq.reason or rq.error:
+        table = [r for r in table if r[0] != LABELS["rq"]]
+        why = f"skipped: {rq.reason}" if rq.reason else f"failed: {rq.error}"
+        table.append([f"{LABELS['rq']}: {why}", "-", "-", "-", "-", "-", "-"])
     print_table(f"1. Task start overhead: time per no-op task call seen by the flow body "
-                f"({rounds} rounds; calls per round: {calls_note})",
-                TIMING_HEADERS, common.timing_rows(pooled, "fork", LABELS))
+                f"({rounds} rounds; calls per round: {calls_note}; {rq_note})",
+                TIMING_HEADERS, table)
 
     pr = Stats.of(pooled["pr_default"]).median
     floor = Stats.of(pooled["fork"]).median
@@ -73,10 +126,22 @@ def main(quick: bool = False) -> list[Row]:
             pr / floor <= 3.0),
         Row("1 start", "mp forkserver / default", ">= 6.0x", f"{mpfs / pr:.2f}x",
             mpfs / pr >= 6.0),
+        rq_row(rq, pooled.get("rq", []), pr),
         Row("1 start", "spawn median per task", "-",
             f"{Stats.of(pooled['pr_spawn']).median * 1000:.1f} ms", None),
     ]
     return rows
+
+
+def rq_row(rq: RqVariant, samples: list[float], pr: float) -> Row:
+    target = ("1 start", "rq / default", ">= 6.0x")
+    if rq.reason:
+        return Row(*target, f"skipped: {rq.reason}", None, skipped=True)
+    if rq.error or not samples:
+        return Row(*target, f"failed: {rq.error or 'no samples'}", False)
+    per_job = Stats.of(samples).median
+    return Row(*target, f"{per_job / pr:.2f}x ({per_job * 1000:.1f} ms/job)",
+               per_job / pr >= 6.0)
 
 
 if __name__ == "__main__":
