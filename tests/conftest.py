@@ -170,13 +170,25 @@ def execute_flow(path: Path, flow: str, start_method: str = "forkserver",
         record = executor.new_run(flow, events).execute()
         server = executor.launcher.server_pid
         left = [p for p in alive(descendants()) if p.pid != server and p.pid not in before]
-        assert left == [], f"processes outlived the run: {left}"
+        assert left == [], f"processes outlived the run: {_explain(left)}"
     finally:
         executor.close()
     left = [p for p in alive(descendants()) if p.pid not in before]
     assert left == [], f"processes outlived executor.close(): {left}"
     assert Path(path).stem not in sys.modules, "the control process imported user code"
     return Ran(record, events, executor)
+
+
+def _explain(processes: list[psutil.Process]) -> list[str]:
+    """Who each leftover is: pid, parent, group, session, command line."""
+    found = []
+    for p in processes:
+        try:
+            found.append(f"{p.pid} ppid={p.ppid()} pgid={os.getpgid(p.pid)} "
+                         f"sid={os.getsid(p.pid)} {p.status()} {' '.join(p.cmdline())[:120]}")
+        except (psutil.Error, OSError):
+            found.append(f"{p.pid} (gone)")
+    return found
 
 
 @pytest.fixture

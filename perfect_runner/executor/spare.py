@@ -31,23 +31,38 @@ class WarmSpare:
         if self._child is not None:
             return
         try:
+            # Deferred: we do not wait for the fork server's answer now (the task that
+            # just started may finish meanwhile); it is read when the spare is taken.
             self._child = start_task_process(self.launcher, self.loop, _idle_output,
-                                             self.max_result)
+                                             self.max_result, deferred=True)
         except LaunchError as exc:
             log.debug("no spare task process: %s", exc)  # the call will start its own
 
     def take(self) -> ChildProcess | None:
         """The waiting spare, if it is still alive; the caller owns it from now on."""
         child, self._child = self._child, None
-        if child is not None and not child.running:
+        if child is None:
+            return None
+        try:
+            child.ready()
+        except LaunchError as exc:
+            log.debug("spare task process did not start: %s", exc)
+            return None
+        self.loop.poll(0)  # hear of its exit, if it died while waiting
+        if not child.running:
             child.stop()
             return None
         return child
 
     def discard(self) -> None:
         child, self._child = self._child, None
-        if child is not None:
-            child.stop()
+        if child is None:
+            return
+        try:
+            child.ready()
+        except LaunchError:
+            return
+        child.stop()
 
 
 def _idle_output(stream: str, lines: list[str]) -> None:

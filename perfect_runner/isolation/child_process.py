@@ -16,13 +16,14 @@ from collections import deque
 from collections.abc import Callable
 
 from .child_bootstrap import ChildConfig
-from .launcher import ChildHandle, ExitInfo, Launcher, LaunchError
+from .launcher import ExitInfo, Launcher, LaunchError, PendingChild
 from .lines import DEFAULT_MAX_LINE, LineSplitter
 from .oskit import close_quietly
-from .proctree import kill_tree
+from .proctree import group_members, kill_tree, wait_gone
 from .protocol import DEFAULT_MAX_BLOB, FrameReader, Message, ProtocolError, encode_frame
 from .selector_loop import SelectorLoop
 
+GONE = ExitInfo(None)  # exited; status not asked for
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1024 * 1024
 READ_SIZE = 1024 * 1024
@@ -35,7 +36,8 @@ class ChildProcess:
     def __init__(self, launcher: Launcher, config: ChildConfig, loop: SelectorLoop,
                  on_output: OutputHandler, max_blob: int = DEFAULT_MAX_BLOB,
                  max_line: int = DEFAULT_MAX_LINE, stderr_tail: int = 5,
-                 first_frame: tuple[Message, bytes] | None = None) -> None:
+                 first_frame: tuple[Message, bytes] | None = None,
+                 deferred: bool = False) -> None:
         self.loop = loop
         self.on_output = on_output
         self.frames: deque[tuple[Message, bytes]] = deque()
@@ -45,12 +47,30 @@ class ChildProcess:
         self._reader = FrameReader(max_blob)
         self._splitters = {"stdout": LineSplitter(max_line), "stderr": LineSplitter(max_line)}
         self._max_blob = max_blob
+        self._killed: set[int] = set()  # descendants we SIGKILLed, awaited in `stop`
         self._greeting = encode_frame(*first_frame, max_blob) if first_frame else b""
-        self.handle = self._spawn(launcher, config)
+        self._pending: PendingChild | None = self._spawn(launcher, config)
+        if not deferred:
+            self.ready()
+
+    def ready(self) -> None:
+        """Take the fork server's answer (pid, pidfd) and start watching the child.
+
+        A deferred child (a spare) calls this only when it is needed, long after
+        the answer came: starting it costs its owner no wait.
+        """
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        try:
+            self.handle = pending.wait()
+        except LaunchError:
+            self._close_parent_ends()
+            raise
         self.pid = self.handle.pid
         self._register()
 
-    def _spawn(self, launcher: Launcher, config: ChildConfig) -> ChildHandle:
+    def _spawn(self, launcher: Launcher, config: ChildConfig) -> PendingChild:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         chan, chan_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -59,22 +79,26 @@ class ChildProcess:
         self._greeting = self._greeting[_send_some(chan, self._greeting):]
         for fd in (out_r, err_r):
             _enlarge_pipe(fd)
+        self._fds = {"stdout": out_r, "stderr": err_r}
+        self.chan = chan
         try:
-            handle = launcher.spawn(config, (out_w, err_w, chan_child.fileno()))
+            pending = launcher.request(config, (out_w, err_w, chan_child.fileno()))
         except LaunchError:
-            for fd in (out_r, err_r):
-                os.close(fd)
-            chan.close()
+            self._close_parent_ends()
             raise
         finally:
             os.close(out_w)
             os.close(err_w)
             chan_child.close()
-        self._fds = {"stdout": out_r, "stderr": err_r}
-        self.chan = chan
         if self._greeting:
             self._send_raw(self._greeting)
-        return handle
+        return pending
+
+    def _close_parent_ends(self) -> None:
+        for fd in self._fds.values():
+            close_quietly(fd)
+        self._fds = {"stdout": -1, "stderr": -1}
+        self.chan.close()
 
     def _register(self) -> None:
         for stream, fd in self._fds.items():
@@ -141,7 +165,9 @@ class ChildProcess:
         return True
 
     def _on_exit(self) -> bool:
-        self.exit = self.handle.exit_info(timeout=5.0)
+        # Once the outcome is settled (pipes closed) the status is not needed: do not
+        # wait for the fork server to reap the child and tell us.
+        self.exit = self.handle.exit_info(timeout=5.0) if self.chan.fileno() >= 0 else GONE
         return False
 
     def drain(self) -> None:
@@ -154,12 +180,21 @@ class ChildProcess:
         for stream in self._fds:
             self._flush_partial(stream)
 
+    def kill_tree(self) -> None:
+        """SIGKILL the child's whole tree, remembering who, so `stop` can see them gone."""
+        self._killed.update(kill_tree(self.pid))
+
     def stop(self, timeout: float = 5.0) -> None:
-        """Kill its tree, wait for its exit (so nothing outlives us), drain, close."""
-        kill_tree(self.pid)
+        """Kill its tree and wait until all of it is gone (nothing outlives us), then close."""
+        self.kill_tree()
         end = time.monotonic() + timeout
         while self.running and time.monotonic() < end:
             self.loop.poll(end - time.monotonic())
+        # Descendants reparented to the fork server may still be tearing down, and a
+        # fork bomb's last children may have joined the group after our snapshot.
+        if self._killed:
+            self._killed.update(group_members(self.pid))
+            wait_gone(self._killed, max(0.0, end - time.monotonic()))
         self.drain()
         self.close()
 

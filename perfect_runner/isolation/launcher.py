@@ -77,6 +77,9 @@ class Launcher(Protocol):
     def spawn(self, config: ChildConfig, fds: tuple[int, int, int]) -> ChildHandle:
         """Start a child whose fds 1/2 and channel are the given fds."""
 
+    def request(self, config: ChildConfig, fds: tuple[int, int, int]) -> PendingChild:
+        """The same, without waiting for the answer."""
+
     def close(self) -> None:
         """Stop the launcher; every child it started dies."""
 
@@ -129,6 +132,10 @@ class ForkServerLauncher:
         self._send_lock = threading.Lock()
 
     def spawn(self, config: ChildConfig, fds: tuple[int, int, int]) -> ChildHandle:
+        return self.request(config, fds).wait()
+
+    def request(self, config: ChildConfig, fds: tuple[int, int, int]) -> PendingChild:
+        """Ask for a child and return at once; `wait()` on the answer later."""
         # Each child gets a private reply socket: the caller's thread reads its own
         # answers (pid, then exit status) with no dispatcher thread in between.
         reply, reply_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -142,15 +149,7 @@ class ForkServerLauncher:
             raise LaunchError(f"fork server is gone: {exc}") from None
         finally:
             reply_child.close()
-        try:
-            data, pidfds, _, _ = socket.recv_fds(reply, MAX_REPLY, 1)
-        except OSError:
-            data, pidfds = b"", []
-        answer = json.loads(data) if data else {"op": "spawn_failed", "error": "fork server exited"}
-        if answer["op"] != "spawned" or not pidfds:
-            reply.close()
-            raise LaunchError(f"could not start a child process: {answer.get('error')}")
-        return _ForkedChild(answer["pid"], pidfds[0], reply)
+        return PendingChild(reply)
 
     def close(self) -> None:
         try:
@@ -163,6 +162,27 @@ class ForkServerLauncher:
         except subprocess.TimeoutExpired:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+
+
+class PendingChild:
+    """A spawn request on its way: the fork server answers on `reply`."""
+
+    def __init__(self, reply: socket.socket) -> None:
+        self.reply = reply
+
+    def wait(self) -> ChildHandle:
+        try:
+            data, pidfds, _, _ = socket.recv_fds(self.reply, MAX_REPLY, 1)
+        except OSError:
+            data, pidfds = b"", []
+        answer = json.loads(data) if data else {"op": "spawn_failed", "error": "fork server exited"}
+        if answer["op"] != "spawned" or not pidfds:
+            self.reply.close()
+            raise LaunchError(f"could not start a child process: {answer.get('error')}")
+        return _ForkedChild(answer["pid"], pidfds[0], self.reply)
+
+    def cancel(self) -> None:
+        self.reply.close()  # the server's answers go nowhere; it still reaps the child
 
 
 class _ForkedChild:

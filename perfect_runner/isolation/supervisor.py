@@ -23,7 +23,7 @@ from .child_process import ChildProcess, OutputHandler
 from .launcher import Launcher, LaunchError
 from .oskit import signal_process
 from .outcome import Kind, Outcome
-from .proctree import kill_tree, tree_usage
+from .proctree import tree_usage
 from .protocol import Progress, RunTask, TaskRaised, TaskReturned, TaskUnsendable
 from .selector_loop import SelectorLoop
 
@@ -64,11 +64,12 @@ class Deadlines:
 
 
 def start_task_process(launcher: Launcher, loop: SelectorLoop, on_output: OutputHandler,
-                       max_result: int, first_frame: tuple[RunTask, bytes] | None = None
-                       ) -> ChildProcess:
+                       max_result: int, first_frame: tuple[RunTask, bytes] | None = None,
+                       deferred: bool = False) -> ChildProcess:
     """A task process; without `first_frame` it waits, bootstrapped, for its RunTask."""
     return ChildProcess(launcher, ChildConfig(role="task", parent_pid=0), loop, on_output,
-                        max_blob=max_result + 1024 * 1024, first_frame=first_frame)
+                        max_blob=max_result + 1024 * 1024, first_frame=first_frame,
+                        deferred=deferred)
 
 
 class TaskSupervisor:
@@ -89,7 +90,7 @@ class TaskSupervisor:
         self.peak_rss = 0
         self.forced: tuple[Kind, str] | None = None
         self.deadlines = Deadlines()
-        self.leftover: ChildProcess | None = None  # killed, not yet gone
+        self.leftover: ChildProcess | None = None  # killed, not yet known to be gone
 
     def run(self, request: RunTask, args_blob: bytes, spare: ChildProcess | None = None,
             on_sent: Callable[[], None] | None = None) -> Outcome:
@@ -114,17 +115,15 @@ class TaskSupervisor:
             try:
                 self._watch(child)
             finally:
-                kill_tree(child.pid)  # whatever the task left behind dies with it
+                child.kill_tree()  # whatever the task left behind dies with it
             child.drain()
             return self._outcome(child)
         finally:
-            if child.running:
-                # Killed, but its exit (page tables of a big process) takes a while:
-                # the caller waits for it later, off the critical path.
-                child.close_io()
-                self.leftover = child
-            else:
-                child.close()
+            # Killed, but its exit (page tables of a big process) and its killed
+            # descendants' take a while: the caller awaits them (`leftover.stop()`)
+            # later, off the critical path.
+            child.close_io()
+            self.leftover = child
 
     def _watch(self, child: ChildProcess) -> None:
         start = time.monotonic()
@@ -146,7 +145,7 @@ class TaskSupervisor:
         reason = self.cancel_reason()
         if reason and not self.forced:
             self.forced = reason
-            kill_tree(child.pid)
+            child.kill_tree()
 
     def _on_tick(self, child: ChildProcess, now: float) -> None:
         self.deadlines.tick = now + self.tick_interval
@@ -164,7 +163,7 @@ class TaskSupervisor:
         elif max_procs and count > max_procs:
             self.forced = (Kind.PROCS, f"{count} processes, --max-procs {max_procs}")
         if self.forced:
-            kill_tree(child.pid)
+            child.kill_tree()
 
     def _on_timeout(self, child: ChildProcess, now: float) -> None:
         if self.forced:
@@ -175,7 +174,7 @@ class TaskSupervisor:
         self.deadlines.kill = now + self.limits.kill_grace
 
     def _on_kill(self, child: ChildProcess, now: float) -> None:
-        kill_tree(child.pid)
+        child.kill_tree()
 
     def _take_frames(self, child: ChildProcess) -> None:
         # Progress frames are consumed here; the final frame stays for _outcome.
