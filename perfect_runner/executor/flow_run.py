@@ -143,7 +143,7 @@ class FlowRun:
         if self._crucial_failed:
             return TaskReply(action="fail", task_name=call.name,
                              note="the flow already failed; no more tasks run"), b""
-        self._await_retired()  # the previous task's processes are gone before this one
+        self._settle_retired()  # what the previous task started is gone before this one
         task = self._new_task(call)
         self.listener.task_started(self.run, task)
         if call.args_error:
@@ -206,10 +206,19 @@ class FlowRun:
         return outcome
 
     def _retire(self, child: ChildProcess | None) -> None:
-        """A killed task process still exiting: its exit is awaited later, in the
-        time the flow body spends between two task calls."""
+        """A finished task process, killed but perhaps still exiting (page tables of a
+        big process take a while): its exit is awaited off the critical path."""
         if child is not None:
             self._retiring.append(child)
+
+    def _settle_retired(self) -> None:
+        """Before the next task: the processes earlier tasks started are gone; task
+        processes that have exited are closed (the others are waited for at the end)."""
+        for child in self._retiring:
+            child.await_descendants()
+        for child in [c for c in self._retiring if not c.running]:
+            child.close()
+            self._retiring.remove(child)
 
     def _await_retired(self) -> None:
         for child in self._retiring:

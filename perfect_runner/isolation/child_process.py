@@ -190,13 +190,19 @@ class ChildProcess:
         end = time.monotonic() + timeout
         while self.running and time.monotonic() < end:
             self.loop.poll(end - time.monotonic())
+        self.await_descendants(max(0.0, end - time.monotonic()))
+        self.drain()
+        self.close()
+
+    def await_descendants(self, timeout: float = 5.0) -> None:
+        """Wait until the descendants we killed are gone (the child itself may still be
+        exiting: a SIGKILLed process runs no more code)."""
         # Descendants reparented to the fork server may still be tearing down, and a
         # fork bomb's last children may have joined the group after our snapshot.
         if self._killed:
             self._killed.update(group_members(self.pid))
-            wait_gone(self._killed, max(0.0, end - time.monotonic()))
-        self.drain()
-        self.close()
+            wait_gone(self._killed, timeout)
+            self._killed.clear()
 
     def close_io(self) -> None:
         """Close pipes and channel; the pidfd stays watched until the process is gone."""
