@@ -1,14 +1,24 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# pip runs again only when pyproject.toml changed since the last install.
+INSTALLED := $(VENV)/.installed
+INSTALLED_BENCH := $(VENV)/.installed-bench
 
 .PHONY: install run test bench bench-quick lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-install: $(PY)
+$(INSTALLED): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test,dev]'
+	touch $@
+
+$(INSTALLED_BENCH): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test,dev,bench]'
+	touch $@
+
+install: $(INSTALLED)
 
 run: install
 	$(PY) -m perfect_runner --flows examples/example_flows.py --run-all
@@ -16,12 +26,10 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
-bench: $(PY)
-	$(PY) -m pip install -q -e '.[test,dev,bench]'
+bench: $(INSTALLED_BENCH)
 	$(PY) bench/run_all.py
 
-bench-quick: $(PY)
-	$(PY) -m pip install -q -e '.[test,dev,bench]'
+bench-quick: $(INSTALLED_BENCH)
 	$(PY) bench/run_all.py --quick
 
 lint: install

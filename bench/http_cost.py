@@ -274,7 +274,8 @@ def main(quick: bool = False) -> list[Row]:
             wait_registered(fake, "print_10000")
             print("item 4: worker vs reference request pattern", file=sys.stderr)
             ours = _worker_cost(fake, seconds)
-            ref = _reference_cost(fake, seconds)
+            # The reference pattern is information, not a verdict: full runs only.
+            ref = None if quick else _reference_cost(fake, seconds)
         except Exception:
             print(worker.tail(), file=sys.stderr)
             raise
@@ -309,7 +310,8 @@ def main(quick: bool = False) -> list[Row]:
 
     total_lines = sum(lines.values())
     table = []
-    for label, c in (("perfect_runner worker", ours), ("reference client pattern", ref)):
+    clients = [("perfect_runner worker", ours), ("reference client pattern", ref)]
+    for label, c in [(label, c) for label, c in clients if c is not None]:
         besides_logs = c["all"] - c["logs"]
         table.append([label, c["state"], f"{c['busy']:.2f}", c["all"],
                       " / ".join(str(c["per_task"][i]) for i in range(3)),
@@ -330,18 +332,20 @@ def main(quick: bool = False) -> list[Row]:
     slow = Stats.of(pooled["logs delayed 300 ms"]).median
     ratio = slow / plain
     rate = (ours["all"] - ours["logs"]) / ours["busy"]
-    ref_rate = (ref["all"] - ref["logs"]) / ref["busy"]
+    ref_rate = f"{(ref['all'] - ref['logs']) / ref['busy']:.1f}" if ref else "full run only"
+    ref_states = f"{ref['states'] / 3:.1f}" if ref else "full run only"
+    ref_logs = f"{ref['logs'] / total_lines:.2f}" if ref else "full run only"
     return [
         Row("4 http", "requests/task-s besides logs", "<= 2.5",
-            f"{rate:.2f} (reference {ref_rate:.1f})", rate <= 2.5 and ours["state"] == "COMPLETED"),
+            f"{rate:.2f} (reference {ref_rate})", rate <= 2.5 and ours["state"] == "COMPLETED"),
         Row("4 http", "of which state POSTs per task-s", "-",
             f"{ours['states'] / ours['busy']:.2f} (+ heartbeats {ours['heartbeats']}, polls "
             f"{ours['polls']}, other {ours['other'] - ours['heartbeats'] - ours['polls']})",
             None),
         Row("4 http", "requests per task (state POSTs)", "-",
-            f"{ours['states'] / 3:.1f} (reference {ref['states'] / 3:.1f})", None),
+            f"{ours['states'] / 3:.1f} (reference {ref_states})", None),
         Row("4 http", "log POSTs per output line", "-",
-            f"{ours['logs'] / total_lines:.3f} (reference {ref['logs'] / total_lines:.2f})",
+            f"{ours['logs'] / total_lines:.3f} (reference {ref_logs})",
             None),
         Row("4 http", "10k prints: logs 300 ms / no delay", "~1 (<= 1.3)",
             f"{ratio:.2f}x ({slow * 1000:.1f} / {plain * 1000:.1f} ms)", ratio <= 1.3),
