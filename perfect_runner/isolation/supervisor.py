@@ -10,6 +10,11 @@ At the timeout: the child's Python stacks are dumped into its stderr
 task so `finally` blocks run), then after the grace SIGKILL to the whole tree.
 Signals the supervisor sent are recorded, so a kill it caused is never reported
 as a crash.
+
+An attempt is over at the child's final frame, or at its exit without one. At
+the final frame the supervisor kills what is left of the tree at once and hands
+the process back as `leftover`: its exit (slow for a big process) is awaited
+later, off the task call's critical path.
 """
 
 from __future__ import annotations
