@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 from .child_bootstrap import EXIT_BOOTSTRAP, ChildConfig, become_child, preload_roles
 from .loader import ModuleLoadError, describe, load_modules
-from .oskit import become_subreaper, close_quietly, die_with_parent, signal_group
+from .oskit import become_subreaper, close_quietly, die_with_parent, drain_pipe, signal_group
 from .proctree import direct_children, kill_tree
 
 MAX_PACKET = 65536
@@ -168,11 +168,7 @@ class ForkServer:
             os.close(pidfd)
 
     def _on_sigchld(self) -> bool:
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        drain_pipe(self.wake_r)
         while True:
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)

@@ -61,6 +61,15 @@ def signal_group(pgid: int, sig: int) -> bool:
         raise
 
 
+def drain_pipe(fd: int) -> None:
+    """Empty a non-blocking wake-up pipe (what it held does not matter, only that it woke us)."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
 def close_quietly(fd: int | None) -> None:
     if fd is None or fd < 0:
         return

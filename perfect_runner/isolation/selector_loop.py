@@ -12,6 +12,8 @@ import selectors
 from collections.abc import Callable
 from typing import Any
 
+from .oskit import drain_pipe
+
 
 class SelectorLoop:
     def __init__(self) -> None:
@@ -48,9 +50,5 @@ class SelectorLoop:
         os.close(self._wake_w)
 
     def _drain_wake(self) -> bool:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        drain_pipe(self._wake_r)
         return True
