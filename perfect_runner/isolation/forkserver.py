@@ -39,9 +39,10 @@ from collections.abc import Callable
 from .child_bootstrap import EXIT_BOOTSTRAP, ChildConfig, become_child, preload_roles
 from .loader import ModuleLoadError, describe, load_modules
 from .oskit import become_subreaper, close_quietly, die_with_parent, drain_pipe, signal_group
-from .proctree import direct_children, kill_tree
+from .proctree import direct_children, kill_tree, wait_gone
 
 MAX_PACKET = 65536
+ORPHAN_WAIT = 2.0  # seconds; a SIGKILLed process is gone in far less
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,9 +179,11 @@ class ForkServer:
                 return True
             reply = self.children.pop(pid, None)
             if reply is not None:
+                # Orphans first: once the control process hears "exited", nothing the
+                # child started may still be running.
+                self._kill_orphans()
                 _send(reply, {"op": "exited", "status": status, "maxrss": usage.ru_maxrss * 1024})
                 reply.close()
-                self._kill_orphans()
 
     def _kill_orphans(self) -> None:
         """Kill what a dead flow or task process left behind.
@@ -189,9 +192,11 @@ class ForkServer:
         the flow or task process above it died (they are subreapers, so nothing
         else reaches us): it belongs to a finished process and must not live on.
         """
+        killed: list[int] = []
         for pid in direct_children(os.getpid()):
             if pid not in self.children:
-                kill_tree(pid)
+                killed += [pid, *kill_tree(pid)]
+        wait_gone(killed, ORPHAN_WAIT)
 
     def _kill_children(self) -> None:
         for pid in list(self.children):
