@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where local mode writes HTML and JSON reports (default ./reports)")
     add("--log-level", default=_env("LOG_LEVEL", "INFO"),
         choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="runner log level (default INFO)")
+    add("--full-tracebacks", action="store_true", default=bool(_env("FULL_TRACEBACKS")),
+        help="keep the runner's own frames in task tracebacks and stack dumps (they are "
+        "trimmed by default; useful to report a runner bug)")
     return p
 
 
@@ -183,6 +186,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         hard_memory_cap=args.hard_memory_cap,
         progress_interval=args.progress_interval,
         max_result=_size("--max-result-size", args.max_result_size) or DEFAULT_MAX_RESULT,
+        full_tracebacks=args.full_tracebacks,
     )
 
 

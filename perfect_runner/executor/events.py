@@ -36,6 +36,14 @@ class RunListener(Protocol):
         `stream` is "stdout" or "stderr". Lines carry no trailing newline.
         """
 
+    def task_traceback(self, run: RunRecord, task: TaskRecord) -> None:
+        """An attempt raised: `task.traceback` is its (trimmed) traceback.
+
+        It is task output too: a listener that does not look at it gets it as the
+        task's stderr lines (see `NullListener`), so log files and the backend's
+        logs have it without a second path.
+        """
+
     def task_retrying(self, run: RunRecord, task: TaskRecord) -> None:
         """An attempt failed (`task.note` says why) and another one will run."""
 
@@ -65,6 +73,9 @@ class NullListener:
         self, run: RunRecord, task: TaskRecord | None, stream: str, lines: list[str]
     ) -> None:
         pass
+
+    def task_traceback(self, run: RunRecord, task: TaskRecord) -> None:
+        self.task_output(run, task, "stderr", task.traceback.splitlines())
 
     def task_retrying(self, run: RunRecord, task: TaskRecord) -> None:
         pass
@@ -103,6 +114,10 @@ class FanOut(NullListener):
     ) -> None:
         for listener in self.listeners:
             listener.task_output(run, task, stream, lines)
+
+    def task_traceback(self, run: RunRecord, task: TaskRecord) -> None:
+        for listener in self.listeners:
+            listener.task_traceback(run, task)
 
     def task_retrying(self, run: RunRecord, task: TaskRecord) -> None:
         for listener in self.listeners:

@@ -33,6 +33,7 @@ from ..isolation.protocol import (
 )
 from ..isolation.selector_loop import SelectorLoop
 from ..isolation.supervisor import TaskSupervisor
+from ..isolation.tracebacks import StackDumpFilter
 from .events import RunListener
 from .options import RunOptions
 from .records import RunRecord, TaskRecord
@@ -54,6 +55,7 @@ class FlowRun:
         self.loop = SelectorLoop()
         self.spare = WarmSpare(launcher, self.loop, options.max_result)
         self._retiring: list[ChildProcess] = []
+        self._flow_dumps = StackDumpFilter(options.full_tracebacks)
         self._cancel: tuple[Kind, str] | None = None
         self._lock = threading.Lock()
         self._crucial_failed = False
@@ -200,9 +202,15 @@ class FlowRun:
                 self.launcher, self.loop, limits,
                 lambda stream, lines: self.listener.task_output(self.run, task, stream, lines),
                 tick, self.options.progress_interval, self.cancel_reason,
+                full_tracebacks=self.options.full_tracebacks,
             )
             outcome = supervisor.run(request, args_blob, self.spare.take(), self.spare.prepare)
         self._retire(supervisor.leftover)
+        task.traceback = outcome.traceback
+        # A stack dump is on the task's stderr already; a raised exception's traceback
+        # is only in its final frame.
+        if outcome.kind is Kind.RAISED and task.traceback and not self._cancelled_here():
+            self.listener.task_traceback(self.run, task)
         return outcome
 
     def _retire(self, child: ChildProcess | None) -> None:
@@ -235,11 +243,12 @@ class FlowRun:
         task.duration_ms = int((task.ended_at - (task.started_at or task.ended_at)) * 1000)
         task.peak_rss = outcome.peak_rss or None
         task.note = outcome.note()
+        task.traceback = "" if outcome.passed else outcome.traceback
         task.table = outcome.table
         task.passed = outcome.passed
         task.state = "COMPLETED" if outcome.passed else "FAILED"
         task.progress = 100 if outcome.passed else task.progress
-        if self._cancel and self._cancel[0] is Kind.CANCELLED:
+        if self._cancelled_here():
             return  # the backend no longer wants this run: report nothing more
         if not outcome.passed:
             level = "error" if task.crucial_pass else "warning"
@@ -312,7 +321,7 @@ class FlowRun:
         failed = any(t.state == "FAILED" and t.crucial_pass for t in self.run.tasks)
         self.run.state = "FAILED" if failed or self._cancel else "COMPLETED"
         duration = self.run.ended_at - (self.run.started_at or self.run.ended_at)
-        if self._cancel is None or self._cancel[0] is not Kind.CANCELLED:
+        if not self._cancelled_here():
             verdict = "finished" if self.run.state == "COMPLETED" else "FAILED"
             self.log(f"Flow {verdict}: {self.run.flow_name} ({len(self.run.tasks)} tasks, "
                      f"{duration:.1f} s)", "info" if self.run.state == "COMPLETED" else "error")
@@ -321,11 +330,18 @@ class FlowRun:
 
     # --- helpers ----------------------------------------------------------
 
+    def _cancelled_here(self) -> bool:
+        """The backend stopped this run: nothing more is reported to it."""
+        return self._cancel is not None and self._cancel[0] is Kind.CANCELLED
+
     def log(self, line: str, level: str = "info") -> None:
         self.listener.runner_log(self.run, line, level)
 
     def _flow_output(self, stream: str, lines: list[str]) -> None:
-        self.listener.task_output(self.run, None, stream, lines)
+        if stream == "stderr":
+            lines = self._flow_dumps.feed(lines)  # a crash dump of the flow process
+        if lines:
+            self.listener.task_output(self.run, None, stream, lines)
 
 
 def _option(meta: dict[str, Any], name: str, default: Any) -> Any:

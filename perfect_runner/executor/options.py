@@ -26,3 +26,4 @@ class RunOptions:
     task_user: int | None = None  # uid/gid task processes switch to (root workers)
     task_group: int | None = None
     rlimits: dict[str, int] = field(default_factory=lambda: {"core": 0})
+    full_tracebacks: bool = False  # keep the runner's frames in tracebacks and stack dumps

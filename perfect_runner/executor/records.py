@@ -22,6 +22,7 @@ class TaskRecord:
     crucial_pass: bool = True
     state: str = "PENDING"
     note: str = ""
+    traceback: str = ""  # trimmed, user frames first; chained causes kept
     table: list[dict[str, Any]] = field(default_factory=list)
     passed: bool | None = None
     progress: int = 0

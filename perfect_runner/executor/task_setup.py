@@ -41,7 +41,8 @@ def process_setup(options: RunOptions, limits: TaskLimits | None = None,
     if limits and options.hard_memory_cap and limits.memory_limit:
         rlimits["as"] = limits.memory_limit
     return ProcessSetup(env=options.child_env, cwd=cwd or options.task_cwd, rlimits=rlimits,
-                        user=options.task_user, group=options.task_group).to_json()
+                        user=options.task_user, group=options.task_group,
+                        full_tracebacks=options.full_tracebacks).to_json()
 
 
 @contextlib.contextmanager

@@ -70,6 +70,7 @@ class ProcessSetup:
     rlimits: dict[str, int] = field(default_factory=dict)
     user: int | None = None  # switch to this uid (and group) before running user code
     group: int | None = None
+    full_tracebacks: bool = False  # keep the runner's own frames in tracebacks
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()

@@ -22,6 +22,7 @@ from .oskit import close_quietly
 from .proctree import group_members, kill_tree, wait_gone
 from .protocol import DEFAULT_MAX_BLOB, FrameReader, Message, ProtocolError, encode_frame
 from .selector_loop import SelectorLoop
+from .tracebacks import is_dump_line
 
 GONE = ExitInfo(None)  # exited; status not asked for
 F_SETPIPE_SZ = 1031
@@ -233,10 +234,10 @@ def _send_some(sock: socket.socket, data: bytes) -> int:
 
 def _telling(lines: list[str]) -> list[str]:
     """Lines worth quoting in a note: not blank, not the runner's own stack frames,
-    not the headers of a faulthandler dump (the note already names the signal)."""
+    not a faulthandler dump (the note names the signal; the dump is the traceback)."""
     return [line.strip() for line in lines if line.strip()
             and "perfect_runner/" not in line and "<frozen runpy>" not in line
-            and not line.startswith(("Fatal Python error", "Current thread", "Thread 0x"))]
+            and not is_dump_line(line)]
 
 
 def _readable(fd: int) -> bool:

@@ -11,7 +11,6 @@ import pickle
 import socket
 import sys
 import threading
-import traceback
 from typing import Any
 
 from ..sdk import runtime
@@ -27,6 +26,7 @@ from .protocol import (
     recv_message,
     send_message,
 )
+from .tracebacks import format_exception
 
 
 class FlowRuntime:
@@ -98,7 +98,7 @@ def run_flow(chan: socket.socket) -> int:
     except BaseException as exc:  # noqa: BLE001 - the flow body's failure is reported, not raised
         outcome: FlowFinished | FlowRaised = FlowRaised(
             exc_type=type(exc).__name__, message=str(exc)[:4000],
-            traceback="".join(traceback.format_exception(exc))[-20000:])
+            traceback=format_exception(exc, bool(start.setup.get("full_tracebacks"))))
     else:
         outcome = FlowFinished()
     finally:

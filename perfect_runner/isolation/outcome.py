@@ -40,6 +40,7 @@ class Outcome:
     last_stderr: list[str] = field(default_factory=list)
     detail: str = ""  # kind-specific evidence, e.g. the limit that was hit
     killed_after_grace: bool = False
+    stack_dump: str = ""  # faulthandler's dump (timeout, crash), runner frames trimmed
 
     @property
     def passed(self) -> bool:
@@ -48,6 +49,14 @@ class Outcome:
     @property
     def table(self) -> list[Any]:
         return list(self.summary.get("table", [])) if self.summary else []
+
+    @property
+    def traceback(self) -> str:
+        """What a person reads to see where the task was: its exception's traceback,
+        else the stack dump of a timeout or crash."""
+        if self.kind is Kind.RAISED and self.error:
+            return str(self.error.get("traceback") or "")
+        return self.stack_dump
 
     def note(self) -> str:
         text = _NOTES[self.kind](self)

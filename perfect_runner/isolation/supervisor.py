@@ -31,6 +31,7 @@ from .outcome import Kind, Outcome
 from .proctree import tree_usage
 from .protocol import Progress, RunTask, TaskRaised, TaskReturned, TaskUnsendable
 from .selector_loop import SelectorLoop
+from .tracebacks import StackDumpFilter
 
 
 @dataclass
@@ -83,7 +84,8 @@ class TaskSupervisor:
     def __init__(self, launcher: Launcher, loop: SelectorLoop,
                  limits: TaskLimits, on_output: OutputHandler,
                  on_tick: Callable[[float | None], None], tick_interval: float,
-                 cancel_reason: Callable[[], tuple[Kind, str] | None]) -> None:
+                 cancel_reason: Callable[[], tuple[Kind, str] | None],
+                 full_tracebacks: bool = False) -> None:
         self.launcher = launcher
         self.loop = loop
         self.limits = limits
@@ -96,6 +98,14 @@ class TaskSupervisor:
         self.forced: tuple[Kind, str] | None = None
         self.deadlines = Deadlines()
         self.leftover: ChildProcess | None = None  # killed, not yet known to be gone
+        self.dumps = StackDumpFilter(full_tracebacks)
+
+    def _output(self, stream: str, lines: list[str]) -> None:
+        # Stack dumps (timeout, crash) reach every listener with the runner's frames trimmed.
+        if stream == "stderr":
+            lines = self.dumps.feed(lines)
+        if lines:
+            self.on_output(stream, lines)
 
     def run(self, request: RunTask, args_blob: bytes, spare: ChildProcess | None = None,
             on_sent: Callable[[], None] | None = None) -> Outcome:
@@ -105,12 +115,12 @@ class TaskSupervisor:
         next spare, off this task's critical path.
         """
         if spare is not None:
-            spare.on_output = self.on_output
+            spare.on_output = self._output
             spare.send(request, args_blob)
             child = spare
         else:
             try:
-                child = start_task_process(self.launcher, self.loop, self.on_output,
+                child = start_task_process(self.launcher, self.loop, self._output,
                                            self.limits.max_result, (request, args_blob))
             except LaunchError as exc:
                 return Outcome(Kind.START_FAILED, detail=str(exc))
@@ -197,7 +207,7 @@ class TaskSupervisor:
         exit_info = child.exit
         peak = max(self.peak_rss, exit_info.maxrss if exit_info else 0)
         outcome = Outcome(Kind.EXITED, exit=exit_info, peak_rss=peak,
-                          last_stderr=list(child.stderr_tail))
+                          last_stderr=list(child.stderr_tail), stack_dump=self.dumps.text())
         if self.forced:
             outcome.kind, outcome.detail = self.forced
             outcome.killed_after_grace = "kill" in self.deadlines.fired

@@ -13,7 +13,6 @@ import signal
 import socket
 import sys
 import threading
-import traceback
 from typing import Any
 
 from tblib import pickling_support
@@ -34,6 +33,7 @@ from .protocol import (
     recv_message,
     send_message,
 )
+from .tracebacks import format_exception
 
 NOTE_LIMIT = 4000
 
@@ -99,7 +99,7 @@ def _execute(request: RunTask, blob: bytes, task_runtime: TaskRuntime) -> tuple[
     try:
         value = definition.func(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt: task failures
-        return _raised(exc)
+        return _raised(exc, bool(request.setup.get("full_tracebacks")))
     finally:
         runtime.install(None)
     return _returned(request, value)
@@ -129,10 +129,9 @@ def summarize(value: Any) -> TaskReturned:
     return TaskReturned(result_type=type(value).__name__)
 
 
-def _raised(exc: BaseException) -> tuple[Message, bytes]:
-    text = "".join(traceback.format_exception(exc))
+def _raised(exc: BaseException, full: bool) -> tuple[Message, bytes]:
     message = TaskRaised(exc_type=type(exc).__name__, message=_safe_str(exc)[:NOTE_LIMIT],
-                         traceback=text[-20000:])
+                         traceback=format_exception(exc, full))
     try:
         pickling_support.install(exc)
         blob = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)

@@ -107,8 +107,8 @@ class LogFileListener(NullListener):
         self._write(run, prefix + ("\n" + prefix).join(lines) + "\n")
 
     def task_retrying(self, run: RunRecord, task: TaskRecord) -> None:
-        self._event(run, f"{_source(task)} attempt {task.attempts} failed, retrying: {task.note}",
-                    level="WARN")
+        # The note already says "attempt N failed: ...".
+        self._event(run, f"{_source(task)} retrying: {task.note}", level="WARN")
 
     def task_finished(self, run: RunRecord, task: TaskRecord) -> None:
         level = "INFO" if task.state == "COMPLETED" else "ERROR"

@@ -46,6 +46,8 @@ MAX_NOTE_LINES = 20
 MAX_SUMMARY_ROWS = 20
 MAX_CELL_CHARS = 40
 MAX_BLOCK_TASKS = 10
+LIVE_TRACEBACK_LINES = 6  # the end of a traceback shown as it happens
+MAX_TRACEBACK_LINES = 200  # per failed task in the summary; the log file has all
 BAR_WIDTH = 20
 # Info and warning lines from the runner repeat what the task events already show
 # (the executor logs every task failure at "warning"); they are all in the log file.
@@ -79,6 +81,14 @@ def clean_text(text: Any) -> str:
 def clean_lines(text: Any) -> list[str]:
     """Multi-line `text` (a note, a traceback) as clean lines."""
     return [clean_text(line) for line in str(text).splitlines()] or [""]
+
+
+def _last_frames(lines: list[str]) -> list[str]:
+    """The end of the last exception's traceback (a chained cause is in the summary)."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+    if starts:
+        lines = lines[starts[-1] + 1:]
+    return lines[-LIVE_TRACEBACK_LINES:]
 
 
 def _clip(text: str, limit: int) -> str:
@@ -216,10 +226,24 @@ class TerminalView(NullListener):
             self._compose(force=False)
         self._drain()
 
+    def task_traceback(self, run: RunRecord, task: TaskRecord) -> None:
+        # Its last frames now; the whole of it in the summary of failed tasks.
+        lines = clean_lines(task.traceback.rstrip())
+        tail = _last_frames(lines)
+        prefix = f"    {self._source(run, task)} ! "
+        with self._lock:
+            if len(tail) < len(lines):
+                self._add([f"{prefix}Traceback (last frames; {len(lines) - len(tail)} more "
+                           "lines in the summary):"])
+            self._add(prefix + _clip(line, MAX_LINE_CHARS) for line in tail)
+            self._compose(force=False)
+        self._drain()
+
     def task_retrying(self, run: RunRecord, task: TaskRecord) -> None:
         with self._lock:
-            head = f"{self._run_tag(run)}~~> {self._label(task)} retrying after attempt "
-            self._add(self._with_note(f"{head}{task.attempts} failed", task.note))
+            # The note already says "attempt N failed: ...".
+            head = f"{self._run_tag(run)}~~> {self._label(task)} retrying"
+            self._add(self._with_note(head, task.note))
             self._compose(force=True)
         self._drain()
 
@@ -428,8 +452,22 @@ def summary_lines(run: RunRecord) -> list[str]:
     for task in with_tables:
         lines.append(f"    #{task.index} {clean_text(task.name)}")
         lines += ["  " + line for line in format_table(task.table)]
+    lines += traceback_lines(run)
     if run.log_path:
         lines.append(f"Log file: {clean_text(run.log_path)}")
+    return lines
+
+
+def traceback_lines(run: RunRecord) -> list[str]:
+    """The failed tasks' tracebacks, after the table (as pytest's short summary)."""
+    failed = [task for task in run.tasks if task.state == "FAILED" and task.traceback]
+    lines = ["Tracebacks of failed tasks:"] if failed else []
+    for task in failed:
+        lines.append(f"  ____ #{task.index} {clean_text(task.name)} ____")
+        body = clean_lines(task.traceback.strip("\n"))
+        lines += ["    " + _clip(line, MAX_LINE_CHARS) for line in body[:MAX_TRACEBACK_LINES]]
+        if len(body) > MAX_TRACEBACK_LINES:
+            lines.append(f"    ... {len(body) - MAX_TRACEBACK_LINES} more lines (see log file)")
     return lines
 
 
