@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from .config import UsageError, child_environment, parse_args, run_options
 from .executor.engine import FlowExecutor
 from .isolation.launcher import LaunchError
 from .isolation.oskit import make_undumpable
+from .local.interrupt import exit_code
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C outside a run (loading the flows, shutting down): no traceback.
+        print("perfect-runner: interrupted", file=sys.stderr)
+        return exit_code(signal.SIGINT)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = parse_args(argv)
         options = run_options(args)
@@ -27,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
         make_undumpable()
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _warn_about_setup(args, options)
     try:
         executor = FlowExecutor(args.flows, args.start_method, options, env=child_env)
     except LaunchError as exc:
@@ -54,10 +64,14 @@ def _dispatch(args, executor: FlowExecutor) -> int:
     if unknown:
         raise UsageError(f"unknown flow {unknown[0]!r}: known flows are "
                          + ", ".join(repr(n) for n in executor.flows))
+    # Only now: a usage error is not preceded by warnings about a run that never starts.
+    _warn_about_setup(args, executor.options)
     if args.server is None:
         from .local.runner import run_locally
 
-        records = run_locally(executor, names, args.log_dir, args.reports_dir)
+        records, signum = run_locally(executor, names, args.log_dir, args.reports_dir)
+        if signum is not None:
+            return exit_code(signum)
         return EXIT_OK if all(r.state == "COMPLETED" for r in records) else EXIT_FAILED
     from .worker import serve
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from ..isolation.child_bootstrap import ChildConfig
 from ..isolation.child_process import ChildProcess
 from ..isolation.launcher import Launcher, LaunchError
-from ..isolation.outcome import Kind, Outcome, describe_signal
+from ..isolation.outcome import INTERRUPTED_BY, Kind, Outcome, describe_signal
 from ..isolation.protocol import (
     CallTask,
     FlowFinished,
@@ -302,7 +303,8 @@ class FlowRun:
         elif kind is Kind.WORKER_STOPPED:
             self._fail_flow("worker stopped")
         else:
-            self.run.note = f"cancelled: {reason}"
+            prefix = INTERRUPTED_BY if kind is Kind.INTERRUPTED else "cancelled: "
+            self.run.note = prefix + reason
             self._crucial_failed = True
 
     def _fail_flow(self, note: str) -> None:
@@ -320,13 +322,30 @@ class FlowRun:
         self.run.ended_at = time.time()
         failed = any(t.state == "FAILED" and t.crucial_pass for t in self.run.tasks)
         self.run.state = "FAILED" if failed or self._cancel else "COMPLETED"
+        self.run.not_run = self._not_run()
         duration = self.run.ended_at - (self.run.started_at or self.run.ended_at)
         if not self._cancelled_here():
             verdict = "finished" if self.run.state == "COMPLETED" else "FAILED"
+            if self.run.note.startswith(INTERRUPTED_BY):
+                verdict = "interrupted"
             self.log(f"Flow {verdict}: {self.run.flow_name} ({len(self.run.tasks)} tasks, "
                      f"{duration:.1f} s)", "info" if self.run.state == "COMPLETED" else "error")
         self.listener.run_finished(self.run)
         return self.run
+
+    def _not_run(self) -> list[str]:
+        """The flow's declared tasks (in call order) that no call ran."""
+        called = Counter(task.name for task in self.run.tasks)
+        missing = []
+        for key in self.flow_meta.get("tasks", []):
+            name = self.tasks_meta.get(key, {}).get("name")
+            if name is None:
+                continue
+            if called[name] > 0:
+                called[name] -= 1
+            else:
+                missing.append(name)
+        return missing
 
     # --- helpers ----------------------------------------------------------
 

@@ -55,6 +55,7 @@ class RunRecord:
     started_at: float | None = None
     ended_at: float | None = None
     log_path: str | None = None
+    not_run: list[str] = field(default_factory=list)  # declared tasks no call ran
 
     @property
     def task_count(self) -> int:

@@ -11,6 +11,8 @@ from ..sdk.units import format_size
 from .child_bootstrap import EXIT_BOOTSTRAP, EXIT_CHANNEL_LOST
 from .launcher import ExitInfo
 
+INTERRUPTED_BY = "interrupted by "  # how an interrupted task's or run's note starts
+
 
 class Kind(StrEnum):
     COMPLETED = "completed"
@@ -24,6 +26,7 @@ class Kind(StrEnum):
     CRASHED = "crashed"  # killed by a signal the runner did not send
     EXITED = "exited"  # exited without a final frame
     CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"  # local mode: Ctrl-C or SIGTERM
     WORKER_STOPPED = "worker stopped"
     START_FAILED = "start failed"
     PROTOCOL = "protocol error"
@@ -129,6 +132,7 @@ _NOTES = {
     Kind.EXITED: _exited,
     Kind.CANCELLED: lambda o: f"cancelled: {o.detail}" if o.detail else "cancelled",
     Kind.WORKER_STOPPED: lambda o: "worker stopped",
+    Kind.INTERRUPTED: lambda o: f"{INTERRUPTED_BY}{o.detail}",
     Kind.START_FAILED: lambda o: f"could not start: {o.detail}",
     Kind.PROTOCOL: lambda o: f"broke the runner protocol: {o.detail}",
 }

@@ -39,15 +39,20 @@ class SelectorLoop:
                 self.remove(key.fileobj)
 
     def wake(self) -> None:
+        # A late wake (another thread, a signal handler) must not write to a closed fd,
+        # whose number may already be someone else's.
+        if self._wake_w < 0:
+            return
         try:
             os.write(self._wake_w, b"!")
-        except BlockingIOError:
-            pass  # already woken
+        except (BlockingIOError, OSError):
+            pass  # already woken, or closed meanwhile
 
     def close(self) -> None:
+        wake_w, self._wake_w = self._wake_w, -1
         self.selector.close()
         os.close(self._wake_r)
-        os.close(self._wake_w)
+        os.close(wake_w)
 
     def _drain_wake(self) -> bool:
         drain_pipe(self._wake_r)

@@ -19,6 +19,7 @@ later, off the task call's critical path.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -160,7 +161,16 @@ class TaskSupervisor:
         reason = self.cancel_reason()
         if reason and not self.forced:
             self.forced = reason
-            child.kill_tree()
+            if reason[0] is Kind.INTERRUPTED:
+                self._interrupt(child, now)
+            else:
+                child.kill_tree()
+
+    def _interrupt(self, child: ChildProcess, now: float) -> None:
+        # As Ctrl-C does to a plain script: KeyboardInterrupt in the task, so its
+        # `finally` blocks run; after the kill grace, SIGKILL to the whole tree.
+        signal_process(child.pid, signal.SIGINT)
+        self.deadlines.kill = now + self.limits.kill_grace
 
     def _on_tick(self, child: ChildProcess, now: float) -> None:
         self.deadlines.tick = now + self.tick_interval

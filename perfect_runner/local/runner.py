@@ -8,6 +8,7 @@ from typing import TextIO
 from ..executor.engine import FlowExecutor
 from ..executor.events import FanOut
 from ..executor.records import RunRecord
+from .interrupt import Interruption
 from .logfile import LogFileListener
 from .report_html import write_reports
 from .terminal_view import TerminalView
@@ -25,16 +26,31 @@ def list_flows(executor: FlowExecutor, out: TextIO = sys.stdout) -> None:
 
 
 def run_locally(executor: FlowExecutor, flow_names: list[str], log_dir: str, reports_dir: str,
-                out: TextIO = sys.stdout) -> list[RunRecord]:
-    """Run each flow in turn; print where its log and reports are."""
+                out: TextIO = sys.stdout) -> tuple[list[RunRecord], int | None]:
+    """Run each flow in turn; print where its log and reports are.
+
+    Returns the records and the signal that interrupted the runs (None if none did).
+    """
     view = TerminalView(out)
-    records = []
-    for name in flow_names:
-        listener = FanOut(LogFileListener(log_dir), view)
-        record = executor.new_run(name, listener).execute()
-        html, json_path = write_reports(record, reports_dir)
-        out.write(f"{record.flow_name}: {record.state}  report: {html}  record: {json_path}"
-                  f"  log: {record.log_path}\n")
-        out.flush()
-        records.append(record)
-    return records
+    records: list[RunRecord] = []
+    with Interruption(executor.launcher.server_pid, executor.options.kill_grace) as stop:
+        for name in flow_names:
+            if stop.signum is not None:
+                break
+            run = executor.new_run(name, FanOut(LogFileListener(log_dir), view))
+            stop.attach(run)
+            try:
+                record = run.execute()
+            finally:
+                stop.attach(None)
+            html, json_path = write_reports(record, reports_dir)
+            out.write(f"{record.flow_name}: {record.state}  report: {html}  record: "
+                      f"{json_path}  log: {record.log_path}\n")
+            out.flush()
+            records.append(record)
+        skipped = flow_names[len(records):]
+        if stop.signum is not None and skipped:
+            out.write(f"{stop.reason}: {len(skipped)} flow(s) not run: "
+                      + ", ".join(repr(name) for name in skipped) + "\n")
+            out.flush()
+    return records, stop.signum

@@ -38,6 +38,7 @@ from typing import Any, TextIO
 
 from ..executor.events import NullListener
 from ..executor.records import RunRecord, TaskRecord
+from ..isolation.outcome import INTERRUPTED_BY
 from .report_html import cell_text, format_bytes, format_duration, table_columns
 
 FRAME_INTERVAL_S = 0.1
@@ -86,6 +87,8 @@ def clean_lines(text: Any) -> list[str]:
 def _last_frames(lines: list[str]) -> list[str]:
     """The end of the last exception's traceback (a chained cause is in the summary)."""
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+    if len(starts) <= 1 and len(lines) <= LIVE_TRACEBACK_LINES + 1:
+        return lines
     if starts:
         lines = lines[starts[-1] + 1:]
     return lines[-LIVE_TRACEBACK_LINES:]
@@ -439,12 +442,14 @@ def summary_lines(run: RunRecord) -> list[str]:
     if run.note:
         lines += [f"    {line}" for line in clean_lines(run.note)[:MAX_NOTE_LINES]]
     rows = [
-        {"#": task.index, "task": task.name, "state": task.state,
+        {"#": task.index, "task": task.name, "state": _shown_state(task),
          "duration": format_duration(task.duration_ms),
          "peak mem": format_bytes(task.peak_rss) if task.peak_rss else "-",
          "note": clean_lines(task.note)[0]}
         for task in run.tasks
     ]
+    rows += [{"#": "-", "task": name, "state": "NOT RUN", "duration": "-", "peak mem": "-",
+              "note": ""} for name in run.not_run]
     lines += format_table(rows, max_cell=60) if rows else ["    (no tasks ran)"]
     with_tables = [task for task in run.tasks if task.table]
     if with_tables:
@@ -456,6 +461,13 @@ def summary_lines(run: RunRecord) -> list[str]:
     if run.log_path:
         lines.append(f"Log file: {clean_text(run.log_path)}")
     return lines
+
+
+def _shown_state(task: TaskRecord) -> str:
+    # Stopped by Ctrl-C or SIGTERM: FAILED for the record, but not the task's fault.
+    if task.state == "FAILED" and task.note.startswith(INTERRUPTED_BY):
+        return "INTERRUPTED"
+    return task.state
 
 
 def traceback_lines(run: RunRecord) -> list[str]:
