@@ -10,6 +10,7 @@ import pwd
 from collections.abc import Callable
 from typing import Any
 
+from . import __version__
 from .executor.options import DEFAULT_MAX_RESULT, RunOptions
 from .sdk.units import parse_size
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Without --run/--run-all/--list it is a worker serving the backend at --server. "
         "Every option can also be set as PERFECT_<OPTION> (e.g. PERFECT_CONCURRENCY=2).",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add = p.add_argument_group("what to run").add_argument
     add("--flows", action="append", metavar="MODULE", default=None,
         help="flows module: dotted name or path to a .py file (repeatable) [PERFECT_FLOWS, "
@@ -46,16 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument_group("worker mode (a Perfect backend)").add_argument
     add("--server", default=None, metavar="URL",
         help=f"Perfect backend URL [PERFECT_SERVER_URL, default {DEFAULT_SERVER} in worker mode]")
-    add("--concurrency", type=int, default=int(_env("CONCURRENCY", 1)),
+    add("--concurrency", type=int, default=int(_env("CONCURRENCY", 1)), metavar="N",
         help="flow runs at once (default 1)")
     add("--progress-interval", type=float, default=float(_env("PROGRESS_INTERVAL", 0.5)),
         metavar="SECONDS", help="RUNNING updates per task at most this often (default 0.5)")
     add("--shutdown-grace", type=float, default=float(_env("SHUTDOWN_GRACE", 3.0)),
         metavar="SECONDS", help="on SIGTERM, time running tasks get to finish (default 3)")
-    add("--log-rate", type=float, default=float(_env("LOG_RATE", 20)),
+    add("--log-rate", type=float, default=float(_env("LOG_RATE", 20)), metavar="N",
         help="log entries per second per run sent one line each; faster output is "
         "joined into bigger entries (default 20)")
-    add("--max-log-entries", type=int, default=int(_env("MAX_LOG_ENTRIES", 2000)),
+    add("--max-log-entries", type=int, default=int(_env("MAX_LOG_ENTRIES", 2000)), metavar="N",
         help="log entries per run sent to the backend; the rest stays in the local "
         "log file (default 2000)")
     add("--token", default=_env("TOKEN"), help="sent as 'Authorization: Bearer ...' on every "
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest file a task may write, RLIMIT_FSIZE, e.g. 1GB (default none)")
     add("--max-result-size", default=_env("MAX_RESULT_SIZE", str(DEFAULT_MAX_RESULT)),
         metavar="SIZE", help="largest task result or argument payload (default 64MiB)")
-    add("--retries", type=int, default=int(_env("RETRIES", 0)),
+    add("--retries", type=int, default=int(_env("RETRIES", 0)), metavar="N",
         help="default retries of a failed task (default 0)")
     add("--retry-delay", type=float, default=float(_env("RETRY_DELAY", 0)), metavar="SECONDS",
         help="default pause between attempts (default 0)")
@@ -108,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--task-env", action="append", default=[], metavar="KEY=VALUE",
         help="add a variable to the environment flows and tasks see (repeatable)")
     add = p.add_argument_group("output").add_argument
-    add("--log-dir", default=_env("LOG_DIR", "perfect-logs"),
+    add("--log-dir", default=_env("LOG_DIR", "perfect-logs"), metavar="DIR",
         help="where every run's complete log is written (default ./perfect-logs)")
-    add("--reports-dir", default=_env("REPORTS_DIR", "reports"),
+    add("--reports-dir", default=_env("REPORTS_DIR", "reports"), metavar="DIR",
         help="where local mode writes HTML and JSON reports (default ./reports)")
     add("--log-level", default=_env("LOG_LEVEL", "INFO"),
         choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="runner log level (default INFO)")

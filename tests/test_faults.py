@@ -274,7 +274,7 @@ def test_timeouts(fault_flows: Path, tmp_path: Path, name: str, note: str) -> No
 def test_memory_bomb(fault_flows: Path, tmp_path: Path) -> None:
     faulty, _, _ = run_fault(fault_flows, tmp_path, "memory_bomb")
     assert faulty.state == "FAILED"
-    assert faulty.note.startswith("killed: memory limit 95 MiB exceeded (RSS "), faulty.note
+    assert faulty.note.startswith("killed: memory limit 100 MB exceeded (RSS "), faulty.note
     assert faulty.peak_rss and faulty.peak_rss > 100_000_000
 
 
@@ -350,8 +350,8 @@ def test_unpicklable_result(fault_flows: Path, tmp_path: Path) -> None:
 def test_result_over_the_size_cap(fault_flows: Path, tmp_path: Path) -> None:
     faulty, _, _ = run_fault(fault_flows, tmp_path, "huge_result")
     assert (faulty.state, faulty.note) == (
-        "FAILED", "result of task 'fault_huge_result' is 200.0 MiB, over the result size "
-        "cap of 64.0 MiB")
+        "FAILED", "result of task 'fault_huge_result' is 200 MiB, over the result size "
+        "cap of 64 MiB")
 
 
 @pytest.mark.timeout(30)

@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from ..sdk.registry import FlowDefinition, TaskDefinition, WorkflowRegistry, get_registry
+from .tracebacks import is_runner_file
 
 
 class ModuleLoadError(Exception):
@@ -62,8 +63,13 @@ def _load_path(path: Path) -> ModuleType:
 def _import_failure(spec: str, exc: BaseException) -> str:
     if isinstance(exc, ModuleNotFoundError) and exc.name and spec.startswith(exc.name):
         return f"cannot import flows module {spec!r}: no module named {exc.name!r}"
+    if isinstance(exc, SyntaxError):
+        # Where the bad code is (file, line), not where the import machinery noticed it.
+        where = f"{exc.filename}:{exc.lineno}" if exc.filename else f"line {exc.lineno}"
+        return f"cannot import flows module {spec!r}: {type(exc).__name__} at {where}: {exc.msg}"
     where = ""
-    frames = traceback.extract_tb(exc.__traceback__)
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if not frame.filename.startswith("<frozen") and not is_runner_file(frame.filename)]
     if frames:
         last = frames[-1]
         where = f" (at {Path(last.filename).name}:{last.lineno})"

@@ -116,7 +116,9 @@ def _timed_out(o: Outcome) -> str:
 
 
 def _memory(o: Outcome) -> str:
-    return f"killed: memory limit {o.detail} exceeded (RSS {format_size(o.peak_rss)})"
+    # The RSS in the limit's kind of unit, so the two compare at a glance.
+    rss = format_size(o.peak_rss, decimal=not o.detail.endswith("iB"))
+    return f"killed: memory limit {o.detail} exceeded (RSS {rss})"
 
 
 _NOTES = {

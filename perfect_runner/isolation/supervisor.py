@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..sdk.units import format_limit
 from .child_bootstrap import SOFT_STOP_SIGNAL, STACK_DUMP_SIGNAL, ChildConfig
 from .child_process import ChildProcess, OutputHandler
 from .launcher import Launcher, LaunchError
@@ -184,7 +185,7 @@ class TaskSupervisor:
         if self.forced:
             return
         if limit and rss > limit:
-            self.forced = (Kind.MEMORY, _mib(limit))
+            self.forced = (Kind.MEMORY, format_limit(limit))
         elif max_procs and count > max_procs:
             self.forced = (Kind.PROCS, f"{count} processes, --max-procs {max_procs}")
         if self.forced:
@@ -248,6 +249,3 @@ def _from_final_frame(outcome: Outcome, message: object, blob: bytes) -> Outcome
         outcome.kind, outcome.detail = Kind.PROTOCOL, f"unexpected {message.TYPE} frame"
     return outcome
 
-
-def _mib(size: int) -> str:
-    return f"{size / 1024 / 1024:.0f} MiB"

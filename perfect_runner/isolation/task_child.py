@@ -22,6 +22,7 @@ from ..sdk import runtime
 from ..sdk.errors import TaskTimeout
 from ..sdk.registry import TaskDefinition, get_registry
 from ..sdk.result import TaskResult
+from ..sdk.units import format_limit, format_size, is_decimal
 from .child_bootstrap import SOFT_STOP_SIGNAL, apply_setup
 from .protocol import (
     Message,
@@ -112,8 +113,9 @@ def _returned(request: RunTask, value: Any) -> tuple[Message, bytes]:
         return TaskUnsendable(note=f"result of task {request.name!r} could not be pickled: "
                               f"{type(value).__name__} ({type(exc).__name__}: {exc})"), b""
     if len(blob) > request.max_result:
-        return TaskUnsendable(note=f"result of task {request.name!r} is {_mib(len(blob))}, "
-                              f"over the result size cap of {_mib(request.max_result)}"), b""
+        size = format_size(len(blob), is_decimal(request.max_result))
+        return TaskUnsendable(note=f"result of task {request.name!r} is {size}, over the "
+                              f"result size cap of {format_limit(request.max_result)}"), b""
     return summarize(value), blob
 
 
@@ -147,8 +149,5 @@ def _safe_str(exc: BaseException) -> str:
     except Exception:  # noqa: BLE001
         return f"<unprintable {type(exc).__name__}>"
 
-
-def _mib(size: int) -> str:
-    return f"{size / 1024 / 1024:.1f} MiB"
 
 

@@ -34,13 +34,29 @@ def parse_size(value: int | float | str | None) -> int | None:
     return size
 
 
-def format_size(size: int | None) -> str:
-    """"512 MiB" for display."""
+def format_size(size: int | None, decimal: bool = False) -> str:
+    """"512 MiB" for display; "512 MB" (powers of 1000) when `decimal`."""
     if size is None:
         return "-"
+    step, units = (1000, _DECIMAL) if decimal else (1024, _BINARY)
     value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
+    for unit in units:
+        if value < step or unit == units[-1]:
             break
-        value /= 1024
+        value /= step
     return f"{value:.0f} {unit}" if value >= 10 or unit == "B" else f"{value:.1f} {unit}"
+
+
+_BINARY = ("B", "KiB", "MiB", "GiB")
+_DECIMAL = ("B", "kB", "MB", "GB")
+
+
+def is_decimal(size: int) -> bool:
+    """Whether a limit was most likely written in decimal units ("200MB" is 200,000,000
+    bytes, a multiple of 1000 but not of 1024); ambiguous sizes read as binary."""
+    return size >= 1000 and size % 1000 == 0 and size % 1024 != 0
+
+
+def format_limit(size: int) -> str:
+    """A limit in the kind of unit it was written in: "200 MB", "512 MiB"."""
+    return format_size(size, is_decimal(size))
