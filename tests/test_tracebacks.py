@@ -193,3 +193,18 @@ def test_dump_filter_trims_runner_frames_across_batches_and_passes_other_lines()
     assert shown == [*lines[:5], "", "after the dump"]
     assert dumps.text().splitlines() == [*lines[1:5]]
     assert StackDumpFilter(full=True).feed(lines) == lines
+
+
+@pytest.mark.timeout(60)
+def test_flow_body_traceback_is_trimmed_too(tmp_path):
+    path = tmp_path / "body_flows.py"
+    path.write_text("from perfect_runner import flow\n\ndef pick_region():\n"
+                    "    raise LookupError('no region')\n\n@flow(name='Body')\ndef body():\n"
+                    "    pick_region()\n")
+    result = run_cli("--flows", str(path), "--run", "Body", "--log-dir", str(tmp_path / "logs"),
+                     "--reports-dir", str(tmp_path / "reports"), cwd=tmp_path)
+    assert result.code == 1
+    (log,) = (tmp_path / "logs").glob("*.log")
+    text = log.read_text()
+    assert "in pick_region" in text and "LookupError: no region" in text
+    assert_no_runner_frames(text)

@@ -252,7 +252,9 @@ class FlowRun:
         if self._cancelled_here():
             return  # the backend no longer wants this run: report nothing more
         if not outcome.passed:
-            level = "error" if task.crucial_pass else "warning"
+            # Ctrl-C is not the task's fault: the summary says so without alarm.
+            crucial = task.crucial_pass and outcome.kind is not Kind.INTERRUPTED
+            level = "error" if crucial else "warning"
             kind = "crucial" if task.crucial_pass else "non-crucial"
             self.log(f"Task '{task.name}' ({kind}) failed: {task.note}", level)
             self._crucial_failed = self._crucial_failed or task.crucial_pass

@@ -1,0 +1,163 @@
+"""Ctrl-C and SIGTERM in local mode, sent to a real `python -m perfect_runner` once a
+task says it started: the running task is interrupted (its `finally` runs), the run is
+summarised and recorded, the exit code is 130 (143), a second Ctrl-C stops at once, no
+KeyboardInterrupt traceback is printed, and nothing the runner started is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO, is_gone
+
+FLOWS = '''
+import os, signal, subprocess, sys, time
+from pathlib import Path
+from perfect_runner import task, flow
+
+MARKS = Path({marks!r})
+
+@task
+def fetch():
+    print("fetched")
+
+@task
+def crunch():
+    if os.environ.get("IGNORE_SIGINT"):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    helper = subprocess.Popen(["sleep", "60"])
+    (MARKS / "crunch.pids").write_text(f"{{os.getpid()}} {{helper.pid}}")
+    print("crunch started", flush=True)
+    try:
+        time.sleep(60)
+    finally:
+        print("crunch cleaned up", flush=True)
+
+@task
+def publish():
+    pass
+
+@flow(name="Nightly")
+def nightly():
+    fetch()
+    crunch()
+    publish()
+
+@flow(name="Weekly")
+def weekly():
+    publish()
+'''
+
+
+def start(tmp_path: Path, *extra: str, ignore_sigint: bool = False) -> subprocess.Popen:
+    flows = tmp_path / "nightly_flows.py"
+    flows.write_text(FLOWS.format(marks=str(tmp_path)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERFECT_")}
+    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    if ignore_sigint:
+        env["IGNORE_SIGINT"] = "1"
+    out = open(tmp_path / "out.txt", "w")  # noqa: SIM115 - closed by the child's exit
+    with out:
+        # Its own session, as a shell job: the signal goes to its whole process group,
+        # as a terminal's Ctrl-C does.
+        return subprocess.Popen(
+            [sys.executable, "-m", "perfect_runner", "--flows", str(flows), "--run-all",
+             "--reports-dir", str(tmp_path / "reports"), "--log-dir", str(tmp_path / "logs"),
+             *extra], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until_crunch_runs(tmp_path: Path, proc: subprocess.Popen) -> list[int]:
+    """The pids of the task and of its helper, once the task has said it started."""
+    marks = tmp_path / "crunch.pids"
+    end = time.monotonic() + 20
+    while not (marks.exists() and marks.read_text().strip()):
+        assert proc.poll() is None, (tmp_path / "out.txt").read_text()
+        assert time.monotonic() < end, "the task never started"
+        time.sleep(0.02)
+    return [int(pid) for pid in marks.read_text().split()]
+
+
+def everything_started(proc: subprocess.Popen, task_pids: list[int]) -> list[int]:
+    return [p.pid for p in psutil.Process(proc.pid).children(recursive=True)] + task_pids
+
+
+def assert_all_gone(pids: list[int], limit: float = 5.0) -> None:
+    end = time.monotonic() + limit
+    while [p for p in pids if not is_gone(p)] and time.monotonic() < end:
+        time.sleep(0.02)
+    assert [p for p in pids if not is_gone(p)] == []
+
+
+def output(tmp_path: Path) -> str:
+    return (tmp_path / "out.txt").read_text()
+
+
+def the_record(tmp_path: Path) -> dict:
+    (path,) = (tmp_path / "reports").glob("Nightly_*.json")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_interrupts_the_run_and_writes_everything(tmp_path):
+    proc = start(tmp_path)
+    pids = everything_started(proc, wait_until_crunch_runs(tmp_path, proc))
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(20) == 130
+    assert_all_gone(pids)
+    text = output(tmp_path)
+    assert "crunch cleaned up" in text  # KeyboardInterrupt in the task: its finally ran
+    assert "KeyboardInterrupt" not in text and "Traceback" not in text, text
+    summary = text.split("==> Nightly: run", 2)[2]
+    assert "interrupted by Ctrl-C (SIGINT)" in summary
+    rows = {line.split()[1]: line.split()[2] for line in summary.splitlines()
+            if line.startswith("    ") and len(line.split()) > 2}
+    assert rows["fetch"] == "COMPLETED" and rows["crunch"] == "INTERRUPTED"
+    assert rows["publish"] == "NOT"  # "NOT RUN"
+    assert "Ctrl-C (SIGINT): 1 flow(s) not run: 'Weekly'" in text
+    record = the_record(tmp_path)
+    assert record["state"] == "FAILED" and record["note"] == "interrupted by Ctrl-C (SIGINT)"
+    assert [(t["name"], t["note"]) for t in record["tasks"]] == [
+        ("fetch", ""), ("crunch", "interrupted by Ctrl-C (SIGINT)")]
+    assert record["not_run"] == ["publish"]
+    assert list((tmp_path / "reports").glob("Nightly_*.html"))
+    (log,) = (tmp_path / "logs").glob("*.log")
+    assert "interrupted" in log.read_text().strip().splitlines()[-1]
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_interrupts_the_same_way_with_exit_code_143(tmp_path):
+    proc = start(tmp_path)
+    pids = everything_started(proc, wait_until_crunch_runs(tmp_path, proc))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 143
+    assert_all_gone(pids)
+    assert the_record(tmp_path)["note"] == "interrupted by SIGTERM"
+    assert "Traceback" not in output(tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_second_ctrl_c_stops_at_once_and_leaves_nothing(tmp_path):
+    # The task ignores SIGINT and the grace is long: only the second Ctrl-C ends it.
+    proc = start(tmp_path, "--kill-grace", "30", ignore_sigint=True)
+    pids = everything_started(proc, wait_until_crunch_runs(tmp_path, proc))
+    os.killpg(proc.pid, signal.SIGINT)
+    end = time.monotonic() + 10
+    while "Ctrl-C again stops at once" not in output(tmp_path):
+        assert time.monotonic() < end, output(tmp_path)
+        time.sleep(0.02)
+    assert proc.poll() is None  # still in its grace
+    started = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(10) == 130
+    assert time.monotonic() - started < 5
+    assert_all_gone(pids)
+    assert "Traceback" not in output(tmp_path)
