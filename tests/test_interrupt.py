@@ -161,3 +161,82 @@ def test_second_ctrl_c_stops_at_once_and_leaves_nothing(tmp_path):
     assert time.monotonic() - started < 5
     assert_all_gone(pids)
     assert "Traceback" not in output(tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_a_task_that_ignores_ctrl_c_is_killed_after_the_grace(tmp_path):
+    proc = start(tmp_path, "--kill-grace", "0.5", ignore_sigint=True)
+    pids = everything_started(proc, wait_until_crunch_runs(tmp_path, proc))
+    started = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(20) == 130
+    assert 0.5 <= time.monotonic() - started < 10
+    assert_all_gone(pids)
+    assert "crunch cleaned up" not in output(tmp_path)  # SIGKILL: no finally
+    assert the_record(tmp_path)["tasks"][1]["note"] == "interrupted by Ctrl-C (SIGINT)"
+
+
+BODY = '''
+import time
+from pathlib import Path
+from perfect_runner import task, flow
+
+@task
+def never():
+    pass
+
+@flow(name="Thinking")
+def thinking():
+    Path({mark!r}).write_text("thinking")
+    time.sleep(60)
+    never()
+'''
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_the_flow_body_runs_outside_any_task(tmp_path):
+    flows = tmp_path / "body_flows.py"
+    flows.write_text(BODY.format(mark=str(tmp_path / "thinking")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERFECT_")}
+    env.update(PYTHONPATH=str(REPO))
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "perfect_runner", "--flows", str(flows), "--run-all",
+             "--reports-dir", str(tmp_path / "reports"), "--log-dir", str(tmp_path / "logs")],
+            cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    end = time.monotonic() + 20
+    while not (tmp_path / "thinking").exists():
+        assert proc.poll() is None and time.monotonic() < end, output(tmp_path)
+        time.sleep(0.02)
+    pids = everything_started(proc, [])
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(20) == 130
+    assert_all_gone(pids)
+    (path,) = (tmp_path / "reports").glob("Thinking_*.json")
+    record = json.loads(path.read_text())
+    assert record["note"] == "interrupted by Ctrl-C (SIGINT)" and record["not_run"] == ["never"]
+    assert "Traceback" not in output(tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_the_flows_module_loads(tmp_path):
+    flows = tmp_path / "slow_import_flows.py"
+    flows.write_text(f"import time\nfrom pathlib import Path\n"
+                     f"Path({str(tmp_path / 'importing')!r}).write_text('x')\ntime.sleep(60)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERFECT_")}
+    env.update(PYTHONPATH=str(REPO))
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "perfect_runner", "--flows", str(flows), "--run-all"],
+            cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    end = time.monotonic() + 20
+    while not (tmp_path / "importing").exists():
+        assert proc.poll() is None and time.monotonic() < end, output(tmp_path)
+        time.sleep(0.02)
+    pids = everything_started(proc, [])
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(20) == 130
+    assert_all_gone(pids)
+    assert output(tmp_path).strip() == "perfect-runner: interrupted"

@@ -208,3 +208,43 @@ def test_flow_body_traceback_is_trimmed_too(tmp_path):
     text = log.read_text()
     assert "in pick_region" in text and "LookupError: no region" in text
     assert_no_runner_frames(text)
+
+
+HOSTILE = '''
+from perfect_runner import task, flow
+
+class Sneaky(Exception):
+    def __str__(self):
+        return "\\x1b]0;pwned\\x07\\x1b[2Jscreen wiped"
+
+def recurse(n):
+    return recurse(n + 1)
+
+@task(crucial_pass=False)
+def escape_codes():
+    raise Sneaky()
+
+@task(crucial_pass=False)
+def too_deep():
+    recurse(0)
+
+@flow(name="Hostile")
+def hostile():
+    escape_codes()
+    too_deep()
+'''
+
+
+@pytest.mark.timeout(60)
+def test_hostile_tracebacks_cannot_drive_the_terminal_or_flood_it(tmp_path):
+    path = tmp_path / "hostile_flows.py"
+    path.write_text(HOSTILE)
+    result, tasks, log = run_local(tmp_path, path, "Hostile")
+    assert result.code == 0, result.stdout + result.stderr
+    assert "\x1b" not in result.stdout and "screen wiped" in result.stdout
+    deep = tasks["too_deep"]["traceback"]
+    assert "RecursionError" in deep and "in recurse" in deep and len(deep) <= 20000
+    # Live: a few lines; the summary: at most its cap, with a count of the rest.
+    live = result.stdout.split("Tracebacks of failed tasks:")[0]
+    assert sum("#1 too_deep !" in line for line in live.splitlines()) <= 8
+    assert "RecursionError" in log

@@ -31,10 +31,13 @@ def is_runner_file(filename: str) -> bool:
 
 def format_exception(exc: BaseException, full: bool = False) -> str:
     """`exc` as Python prints it, chained causes kept, runner frames trimmed unless `full`."""
-    formatted = traceback.TracebackException.from_exception(exc)
-    if not full:
-        _trim(formatted, set())
-    text = "".join(formatted.format())
+    try:
+        formatted = traceback.TracebackException.from_exception(exc)
+        if not full:
+            _trim(formatted, set())
+        text = "".join(formatted.format())
+    except Exception as failure:  # noqa: BLE001 - a hostile exception must not lose the task's
+        text = f"(traceback unavailable: {type(failure).__name__} while formatting it)\n"
     # The end of a long traceback (the innermost frames, the exception) matters most.
     return text if len(text) <= MAX_TRACEBACK_CHARS else text[-MAX_TRACEBACK_CHARS:]
 
