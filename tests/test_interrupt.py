@@ -57,22 +57,32 @@ def weekly():
 '''
 
 
-def start(tmp_path: Path, *extra: str, ignore_sigint: bool = False) -> subprocess.Popen:
-    flows = tmp_path / "nightly_flows.py"
-    flows.write_text(FLOWS.format(marks=str(tmp_path)))
+def launch(tmp_path: Path, flows: Path, *args: str, **env_extra: str) -> subprocess.Popen:
+    """`python -m perfect_runner --flows FLOWS --run-all ARGS`, output in out.txt."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERFECT_")}
-    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    if ignore_sigint:
-        env["IGNORE_SIGINT"] = "1"
-    out = open(tmp_path / "out.txt", "w")  # noqa: SIM115 - closed by the child's exit
-    with out:
+    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **env_extra)
+    with open(tmp_path / "out.txt", "w") as out:
         # Its own session, as a shell job: the signal goes to its whole process group,
         # as a terminal's Ctrl-C does.
         return subprocess.Popen(
             [sys.executable, "-m", "perfect_runner", "--flows", str(flows), "--run-all",
-             "--reports-dir", str(tmp_path / "reports"), "--log-dir", str(tmp_path / "logs"),
-             *extra], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
+             *args], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def start(tmp_path: Path, *extra: str, ignore_sigint: bool = False) -> subprocess.Popen:
+    flows = tmp_path / "nightly_flows.py"
+    flows.write_text(FLOWS.format(marks=str(tmp_path)))
+    env_extra = {"IGNORE_SIGINT": "1"} if ignore_sigint else {}
+    return launch(tmp_path, flows, "--reports-dir", str(tmp_path / "reports"),
+                  "--log-dir", str(tmp_path / "logs"), *extra, **env_extra)
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen) -> None:
+    end = time.monotonic() + 20
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < end, output(path.parent)
+        time.sleep(0.02)
 
 
 def wait_until_crunch_runs(tmp_path: Path, proc: subprocess.Popen) -> list[int]:
@@ -197,18 +207,9 @@ def thinking():
 def test_ctrl_c_while_the_flow_body_runs_outside_any_task(tmp_path):
     flows = tmp_path / "body_flows.py"
     flows.write_text(BODY.format(mark=str(tmp_path / "thinking")))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERFECT_")}
-    env.update(PYTHONPATH=str(REPO))
-    with open(tmp_path / "out.txt", "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "perfect_runner", "--flows", str(flows), "--run-all",
-             "--reports-dir", str(tmp_path / "reports"), "--log-dir", str(tmp_path / "logs")],
-            cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True)
-    end = time.monotonic() + 20
-    while not (tmp_path / "thinking").exists():
-        assert proc.poll() is None and time.monotonic() < end, output(tmp_path)
-        time.sleep(0.02)
+    proc = launch(tmp_path, flows, "--reports-dir", str(tmp_path / "reports"),
+                  "--log-dir", str(tmp_path / "logs"))
+    wait_for_file(tmp_path / "thinking", proc)
     pids = everything_started(proc, [])
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(20) == 130
@@ -224,17 +225,8 @@ def test_ctrl_c_while_the_flows_module_loads(tmp_path):
     flows = tmp_path / "slow_import_flows.py"
     flows.write_text(f"import time\nfrom pathlib import Path\n"
                      f"Path({str(tmp_path / 'importing')!r}).write_text('x')\ntime.sleep(60)\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERFECT_")}
-    env.update(PYTHONPATH=str(REPO))
-    with open(tmp_path / "out.txt", "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "perfect_runner", "--flows", str(flows), "--run-all"],
-            cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True)
-    end = time.monotonic() + 20
-    while not (tmp_path / "importing").exists():
-        assert proc.poll() is None and time.monotonic() < end, output(tmp_path)
-        time.sleep(0.02)
+    proc = launch(tmp_path, flows)
+    wait_for_file(tmp_path / "importing", proc)
     pids = everything_started(proc, [])
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(20) == 130
