@@ -60,6 +60,7 @@ class FlowRun:
         self._cancel: tuple[Kind, str] | None = None
         self._lock = threading.Lock()
         self._crucial_failed = False
+        self._announced = False
         self._deadline = None
         if flow_meta.get("timeout"):
             self._flow_timeout = float(flow_meta["timeout"])
@@ -78,6 +79,12 @@ class FlowRun:
     def cancel_reason(self) -> tuple[Kind, str] | None:
         if self._cancel is None and self._deadline and time.monotonic() > self._deadline:
             self._cancel = (Kind.FLOW_TIMEOUT, f"{self._flow_timeout:.1f}")
+        if self._cancel and self._cancel[0] is Kind.INTERRUPTED and not self._announced:
+            # Said here, on the run's thread, not in the signal handler that cancelled.
+            self._announced = True
+            self.log(f"{self._cancel[1]}: stopping; running tasks get "
+                     f"{self.options.kill_grace:g} s to clean up (Ctrl-C again stops at once)",
+                     "notice")
         return self._cancel
 
     # --- the run ----------------------------------------------------------

@@ -9,8 +9,9 @@ runner started is killed (the fork server is a subreaper, so its tree holds
 them all) and the runner exits.
 
 The handler runs on the main thread between two bytecodes of whatever it was
-doing, so it only sets state, wakes the run's loop and writes to fd 2: it takes
-no lock the interrupted code may hold.
+doing, so it only sets state and wakes the run's loop (the run then says it is
+stopping, through its listeners); it takes no lock the interrupted code may
+hold, and writes to fd 2 only when no run is there to speak, or to exit.
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ def exit_code(signum: int) -> int:
 class Interruption:
     """Installed around the local runs (main thread only); `signum` is the first signal."""
 
-    def __init__(self, server_pid: int | None, kill_grace: float) -> None:
+    def __init__(self, server_pid: int | None) -> None:
         self.server_pid = server_pid
-        self.kill_grace = kill_grace
         self.signum: int | None = None
         self._run: FlowRun | None = None
         self._previous: dict[int, Any] = {}
@@ -65,10 +65,10 @@ class Interruption:
         if self.signum is not None:
             self._stop_now(signum)
         self.signum = signum
-        _say(f"{_HOW[signum]}: stopping; running tasks get {self.kill_grace:g} s to clean "
-             "up (Ctrl-C again stops at once)")
         if self._run is not None:
-            self._run.cancel(self.reason, Kind.INTERRUPTED)
+            self._run.cancel(self.reason, Kind.INTERRUPTED)  # the run says it is stopping
+        else:
+            _say(f"{_HOW[signum]}: stopping (Ctrl-C again stops at once)")
 
     def _stop_now(self, signum: int) -> None:
         _say(f"{_HOW[signum]} again: stopping now")

@@ -33,7 +33,7 @@ def run_locally(executor: FlowExecutor, flow_names: list[str], log_dir: str, rep
     """
     view = TerminalView(out)
     records: list[RunRecord] = []
-    with Interruption(executor.launcher.server_pid, executor.options.kill_grace) as stop:
+    with Interruption(executor.launcher.server_pid) as stop:
         for name in flow_names:
             if stop.signum is not None:
                 break

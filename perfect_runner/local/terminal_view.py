@@ -52,7 +52,8 @@ MAX_TRACEBACK_LINES = 200  # per failed task in the summary; the log file has al
 BAR_WIDTH = 20
 # Info and warning lines from the runner repeat what the task events already show
 # (the executor logs every task failure at "warning"); they are all in the log file.
-DEFAULT_RUNNER_LEVELS = ("error", "critical")
+# A notice is for the person at the terminal (e.g. "Ctrl-C: stopping").
+DEFAULT_RUNNER_LEVELS = ("notice", "error", "critical")
 
 # CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST), DCS/SOS/PM/APC strings, and
 # two-character escapes such as ESC c (full reset).
