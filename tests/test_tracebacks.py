@@ -101,8 +101,10 @@ def summary_part(stdout: str) -> str:
 
 
 @pytest.mark.timeout(60)
-def test_raised_traceback_in_terminal_log_and_record_with_chained_causes(flows, tmp_path):
-    result, tasks, log = run_local(tmp_path, flows, "Customers")
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_raised_traceback_in_terminal_log_and_record_with_chained_causes(flows, tmp_path,
+                                                                          start_method):
+    result, tasks, log = run_local(tmp_path, flows, "Customers", "--start-method", start_method)
     assert result.code == 0, result.stdout + result.stderr  # non-crucial failures only
     record_tb = tasks["import_customers"]["traceback"]
     # The user's frames, innermost last, the cause first, as Python prints it.
