@@ -232,3 +232,40 @@ def test_ctrl_c_while_the_flows_module_loads(tmp_path):
     assert proc.wait(20) == 130
     assert_all_gone(pids)
     assert output(tmp_path).strip() == "perfect-runner: interrupted"
+
+
+RETRY = '''
+import time
+from pathlib import Path
+from perfect_runner import task, flow
+
+@task(retries=3, retry_delay=60)
+def flaky():
+    Path({mark!r}).open("a").write("attempt\\n")
+    raise OSError("disk busy")
+
+@flow(name="Retry")
+def retry():
+    flaky()
+'''
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_during_a_retry_delay_starts_no_further_attempt(tmp_path):
+    flows = tmp_path / "retry_flows.py"
+    mark = tmp_path / "attempts"
+    flows.write_text(RETRY.format(mark=str(mark)))
+    proc = launch(tmp_path, flows, "--reports-dir", str(tmp_path / "reports"),
+                  "--log-dir", str(tmp_path / "logs"))
+    wait_for_file(mark, proc)
+    end = time.monotonic() + 10
+    while "retrying" not in output(tmp_path):  # in its 60 s delay now
+        assert time.monotonic() < end, output(tmp_path)
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(20) == 130
+    assert mark.read_text() == "attempt\n"
+    (path,) = (tmp_path / "reports").glob("Retry_*.json")
+    record = json.loads(path.read_text())
+    assert record["note"] == "interrupted by Ctrl-C (SIGINT)"
+    assert record["tasks"][0]["note"] == "OSError: disk busy"

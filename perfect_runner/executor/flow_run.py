@@ -190,6 +190,8 @@ class FlowRun:
             self.listener.task_retrying(self.run, task)
             self.log(f"Task '{task.name}' will be retried: {task.note}", "warning")
             self._pause(delay)
+            if self.cancel_reason():
+                return outcome  # stopped while waiting: the retry never starts
             task.state = "RUNNING"
         return outcome
 

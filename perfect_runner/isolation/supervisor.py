@@ -8,6 +8,10 @@ step (no clock, no I/O) so its rules are tested with plain numbers.
 At the timeout: the child's Python stacks are dumped into its stderr
 (faulthandler on SIGUSR1), then a soft stop (SIGUSR2 raises TaskTimeout in the
 task so `finally` blocks run), then after the grace SIGKILL to the whole tree.
+An interrupt (Ctrl-C in local mode) is the same without the dump: SIGINT, so
+KeyboardInterrupt runs the task's `finally` blocks, then SIGKILL after the grace.
+Stack dumps pass through a `StackDumpFilter` on their way to the listeners (the
+runner's frames trimmed) and become the outcome's `stack_dump`.
 Signals the supervisor sent are recorded, so a kill it caused is never reported
 as a crash.
 
