@@ -197,6 +197,14 @@ def test_dump_filter_trims_runner_frames_across_batches_and_passes_other_lines()
     assert StackDumpFilter(full=True).feed(lines) == lines
 
 
+def test_dump_filter_keeps_only_the_end_of_an_endless_dump():
+    dumps = StackDumpFilter()
+    for _ in range(100):
+        dumps.feed(["Thread 0x1 (most recent call first):",
+                    *['  File "/x.py", line 1 in f'] * 999])
+    assert len(dumps.dump) <= 1000 and len(dumps.text()) <= 20000
+
+
 @pytest.mark.timeout(60)
 def test_flow_body_traceback_is_trimmed_too(tmp_path):
     path = tmp_path / "body_flows.py"

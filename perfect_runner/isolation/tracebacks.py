@@ -18,11 +18,13 @@ from __future__ import annotations
 import os
 import re
 import traceback
+from collections import deque
 from collections.abc import Iterable
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER_DIRS = tuple({_PACKAGE + os.sep, os.path.realpath(_PACKAGE) + os.sep})
 MAX_TRACEBACK_CHARS = 20000
+MAX_DUMP_LINES = 1000
 
 
 def is_runner_file(filename: str) -> bool:
@@ -77,7 +79,9 @@ class StackDumpFilter:
 
     def __init__(self, full: bool = False) -> None:
         self.full = full
-        self.dump: list[str] = []  # the dumps' lines as shown
+        # The dumps' lines as shown; the last ones only, so a task printing dump-like
+        # lines forever cannot grow the control process.
+        self.dump: deque[str] = deque(maxlen=MAX_DUMP_LINES)
         self._in_dump = False
 
     def feed(self, lines: Iterable[str]) -> list[str]:
