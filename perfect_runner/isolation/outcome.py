@@ -10,6 +10,7 @@ from typing import Any
 from ..sdk.units import format_size
 from .child_bootstrap import EXIT_BOOTSTRAP, EXIT_CHANNEL_LOST
 from .launcher import ExitInfo
+from .tracebacks import MAX_TRACEBACK_CHARS
 
 INTERRUPTED_BY = "interrupted by "  # how an interrupted task's or run's note starts
 
@@ -58,7 +59,8 @@ class Outcome:
         """What a person reads to see where the task was: its exception's traceback,
         else the stack dump of a timeout or crash."""
         if self.kind is Kind.RAISED and self.error:
-            return str(self.error.get("traceback") or "")
+            # The child's text, untrusted: its end (the exception) within the usual cap.
+            return str(self.error.get("traceback") or "")[-MAX_TRACEBACK_CHARS:]
         return self.stack_dump
 
     def note(self) -> str:
