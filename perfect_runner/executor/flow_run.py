@@ -95,11 +95,11 @@ class FlowRun:
 
     def _run_flow_process(self) -> None:
         start = StartFlow(flow_name=self.run.flow_name, run_id=self.run.run_id,
-                          setup=process_setup(self.options))
+                          max_result=self.options.max_result, setup=process_setup(self.options))
         try:
             flow = ChildProcess(self.launcher, ChildConfig(role="flow", parent_pid=0),
                                 self.loop, self._flow_output,
-                                max_blob=self.options.max_result + (1 << 20),
+                                max_blob=self.options.max_result,
                                 first_frame=(start, b""))
         except LaunchError as exc:
             self._fail_flow(f"could not start the flow process: {exc}")
@@ -115,14 +115,14 @@ class FlowRun:
     def _serve(self, flow: ChildProcess) -> None:
         """Answer the flow process's task calls until its body is done."""
         while True:
-            while not flow.frames and flow.running and not self.cancel_reason():
+            while not flow.frames and not flow.over and not self.cancel_reason():
                 self.loop.poll(self._time_left())
             if self.cancel_reason():
                 self._on_cancelled()
                 return
-            if not flow.frames:
+            if not flow.frames and not flow.protocol_error:
                 flow.drain()
-            if not flow.frames:
+            if not flow.frames or flow.protocol_error:
                 self._flow_died(flow)
                 return
             message, blob = flow.frames.popleft()
@@ -174,7 +174,7 @@ class FlowRun:
         for attempt in range(1, retries + 2):
             task.attempts = attempt
             outcome = self._attempt(task, call, args_blob, meta, attempt, started)
-            if outcome.passed or attempt > retries or self.cancel_reason() or not flow.running:
+            if outcome.passed or attempt > retries or self.cancel_reason() or flow.over:
                 return outcome
             task.state, task.note = "RETRYING", f"attempt {attempt} failed: {outcome.note()}"
             self.listener.task_retrying(self.run, task)
