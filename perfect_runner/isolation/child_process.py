@@ -192,9 +192,9 @@ class ChildProcess:
     def _broke(self, what: str) -> None:
         # Stop listening and kill now: a child that lies once is not read further.
         self.protocol_error = what
+        self.kill_tree()
         self.loop.remove(self.chan)
         self.chan.close()
-        self.kill_tree()
 
     def _on_exit(self) -> bool:
         # Once the outcome is settled (pipes closed) the status is not needed: do not

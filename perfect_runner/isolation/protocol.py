@@ -392,8 +392,9 @@ class FrameReader:
             end = PREFIX.size + header_len + blob_len
             if len(self._buffer) < end:
                 return
-            header = bytes(self._buffer[PREFIX.size : PREFIX.size + header_len])
-            blob = bytes(self._buffer[PREFIX.size + header_len : end])
+            with memoryview(self._buffer) as view:  # one copy of a big blob, not two
+                header = bytes(view[PREFIX.size : PREFIX.size + header_len])
+                blob = bytes(view[PREFIX.size + header_len : end])
             del self._buffer[:end]
             yield decode_header(header, self.sender), blob
 

@@ -1,0 +1,328 @@
+"""Children that lie on their channel, and sizes that must mean what they say.
+
+Real task and flow processes write forged frames straight onto their channel
+(fd 3 in every child, see child_bootstrap), then block: each must end FAILED
+"broke the runner protocol: <what>" at once, with nothing left running, and
+the next task or run must work. Size tests push a payload past the old
+built-in 64 MiB, a table past the header cap, and threads and forks past
+--max-procs (as a throwaway non-root user when the tests run as root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import execute_flow, run_cli
+
+from perfect_runner.executor.options import RunOptions
+
+FORGE = '''
+import json
+import socket
+import struct
+import threading
+
+from perfect_runner import TaskResult
+
+CHANNEL = 3  # where every child has its channel to the control process
+
+
+def frame(header, blob=b""):
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack(">II", len(raw), len(blob)) + raw + blob
+
+
+def forge(*frames):
+    os.write(CHANNEL, b"".join(frames))
+
+
+def flood(prefix):
+    """A huge length prefix, then a write that blocks: nobody reads that much."""
+    chan = socket.socket(fileno=os.dup(CHANNEL))
+    chan.sendall(prefix)
+    chan.sendall(b"x" * (64 << 20))
+
+
+def block():
+    time.sleep(60)  # the runner must not wait for this
+
+
+@task
+def healthy():
+    print("healthy ran", flush=True)
+    return TaskResult(passed=True, note="fine")
+'''
+
+# task -> (body, what the note must say after "broke the runner protocol: ")
+TASK_FORGERIES = {
+    "percent_abc": ('forge(frame({"type": "progress", "percent": "abc"}))',
+                    "progress.percent must be a number, got str 'abc'"),
+    "percent_nan": ('forge(frame(b\'{"type": "progress", "percent": NaN}\'))',
+                    "malformed frame header: NaN is not JSON"),
+    "table_5": ('forge(frame({"type": "task_returned", "result_type": "int", "table": 5}))',
+                "task_returned.table must be a list of JSON objects, got int 5"),
+    "peak_rss_lots": ('forge(frame({"type": "task_returned", "result_type": "int", '
+                      '"peak_rss": "lots"}))',
+                      "task_returned.peak_rss must be an integer, got str 'lots'"),
+    "unknown_key": ('forge(frame({"type": "task_unsendable", "note": "n", "evil": 1}))',
+                    "task_unsendable frame has unknown keys: list ['evil']"),
+    "garbage": ('forge(b"\\x00\\x00\\x00\\x05\\x00\\x00\\x00\\x00garbage bytes")',
+                "malformed frame header"),
+    "huge_header": ('flood(struct.pack(">II", 0xFFFFFFFF, 0))',
+                    "frame header of 4294967295 bytes exceeds 4194304"),
+    "huge_payload": ('flood(struct.pack(">II", 20, 0xFFFFFFFF))',
+                     "frame payload of 4294967295 bytes exceeds 67108864"),
+    "flow_frame": ('forge(frame({"type": "call_task", "key": "k", "name": "n"}))',
+                   "a task process may not send call_task frames"),
+    "two_finals": ('forge(frame({"type": "task_returned", "result_type": "int"}, '
+                   'pickle.dumps(None)), '
+                   'frame({"type": "task_raised", "exc_type": "E", "message": "m", '
+                   '"traceback": "t"}))',
+                   "task_raised frame after its final frame"),
+    "late_forgery": ('threading.Thread(target=lambda: (time.sleep(0.05), forge(b"junk" * 9)))'
+                     '.start()\n    report_progress(10)',
+                     "frame header of 1786080875 bytes exceeds 4194304"),
+}
+
+# flow -> (body, the run's note after "flow process broke the runner protocol: ")
+FLOW_FORGERIES = {
+    "key_is_a_list": ('forge(frame({"type": "call_task", "key": ["a", "b"], "name": "n"}))',
+                      "call_task.key must be a string, got list ['a', 'b']"),
+    "flow_garbage": ('forge(b"\\x00\\x00\\x00\\x02\\x00\\x00\\x00\\x00{]")',
+                     "malformed frame header"),
+    "task_frame": ('forge(frame({"type": "progress", "percent": 5}))',
+                   "a flow process may not send progress frames"),
+    "flow_flood": ('flood(struct.pack(">II", 2, 0xFFFFFFFF))',
+                   "frame payload of 4294967295 bytes exceeds 67108864"),
+    "call_before_reply": ('call = frame({"type": "call_task", "key": f"{__name__}:healthy", '
+                          '"name": "healthy"}, pickle.dumps(((), {})))\n'
+                          '    forge(call, call)',
+                          "call_task frame while its task call awaits its reply"),
+}
+
+
+def hostile_source() -> str:
+    parts = ["import pickle\n", FORGE]
+    for name, (body, _) in TASK_FORGERIES.items():
+        parts.append(f"\n@task(crucial_pass=False)\ndef {name}():\n    {body}\n    block()\n"
+                     f"\n@flow({name!r})\ndef flow_{name}():\n    {name}()\n    healthy()\n")
+    for name, (body, _) in FLOW_FORGERIES.items():
+        parts.append(f"\n@flow({name!r})\ndef flow_{name}():\n    healthy()\n    {body}\n"
+                     "    block()\n")
+    return "".join(parts)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import HEADER
+
+    directory = tmp_path_factory.mktemp("hostile")
+    path = directory / "hostile_flows.py"
+    path.write_text(HEADER.format(tmp=str(directory)) + hostile_source(), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name", list(TASK_FORGERIES))
+def test_a_task_that_forges_a_frame_fails_at_once(hostile: Path, name: str) -> None:
+    ran = execute_flow(hostile, name)  # also: nothing it started outlives the run
+    forger, after = ran.task(name), ran.task("healthy")
+    assert forger.state == "FAILED"
+    assert forger.note.startswith("broke the runner protocol: ")
+    assert TASK_FORGERIES[name][1] in forger.note
+    assert forger.duration_ms < 10_000, "the runner waited for the forger instead of ending it"
+    assert (after.state, after.note) == ("COMPLETED", "fine")  # the next task works
+    assert ran.record.state == "COMPLETED"  # the forger was non-crucial
+
+
+@pytest.mark.parametrize("name", list(FLOW_FORGERIES))
+def test_a_flow_process_that_forges_a_frame_fails_its_run_at_once(hostile: Path,
+                                                                   name: str) -> None:
+    ran = execute_flow(hostile, name)
+    assert ran.record.state == "FAILED"
+    assert ran.record.note.startswith("flow process broke the runner protocol: "
+                                      + FLOW_FORGERIES[name][1])
+    flow_task = ran.task("flow")
+    assert (flow_task.state, flow_task.note) == ("FAILED", ran.record.note)
+    assert {t.state for t in ran.events.finished() if t.name == "healthy"} == {"COMPLETED"}
+    duration = ran.record.ended_at - ran.record.started_at
+    assert duration < 10, "the runner waited for the forger instead of ending it"
+
+
+def test_local_mode_writes_the_report_and_goes_on_to_the_next_run(hostile: Path,
+                                                                 tmp_path: Path) -> None:
+    result = run_cli("--flows", str(hostile), "--run", "key_is_a_list", "--run",
+                     "percent_abc", "--reports-dir", str(tmp_path / "reports"),
+                     "--log-dir", str(tmp_path / "logs"), cwd=tmp_path)
+    assert result.code == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "key_is_a_list: FAILED" in result.stdout
+    assert "percent_abc: COMPLETED" in result.stdout  # the run after the forger works
+    (report,) = (tmp_path / "reports").glob("key_is_a_list_*.json")
+    record = json.loads(report.read_text(encoding="utf-8"))
+    assert record["state"] == "FAILED"
+    assert record["tasks"][-1]["note"] == ("flow process broke the runner protocol: "
+                                           "call_task.key must be a string, got list ['a', 'b']")
+    (report,) = (tmp_path / "reports").glob("percent_abc_*.json")
+    tasks = json.loads(report.read_text(encoding="utf-8"))["tasks"]
+    assert [(t["name"], t["state"]) for t in tasks] == [("percent_abc", "FAILED"),
+                                                         ("healthy", "COMPLETED")]
+    assert tasks[0]["note"] == ("broke the runner protocol: progress.percent must be a "
+                                "number, got str 'abc'")
+
+
+# --- sizes ----------------------------------------------------------------------------
+
+SIZES = '''
+import threading
+
+from perfect_runner import TaskResult
+
+PAYLOAD = (64 << 20) + 4096  # just past the old built-in 64 MiB
+
+
+@task
+def make_payload():
+    return b"x" * PAYLOAD
+
+
+@task
+def measure(data):
+    return len(data)
+
+
+@flow("big payload")
+def big_payload():
+    data = make_payload()  # task -> control -> flow
+    size = measure(data)  # flow -> control -> task
+    del data
+    print(f"measured {size}", flush=True)
+    assert size == PAYLOAD
+
+
+@flow("big arguments")
+def big_arguments():
+    measure(b"x" * (2 << 20))
+
+
+@task
+def big_table():
+    rows = [{"row": i, "name": "a row with some text in it, 40 chars.."} for i in range(100_000)]
+    return TaskResult(passed=True, note="all rows", table=rows)
+
+
+@flow("big table")
+def big_table_flow():
+    big_table()
+
+
+@task
+def many_threads():
+    threading.stack_size(256 * 1024)
+    release = threading.Event()
+    threads = [threading.Thread(target=release.wait) for _ in range(500)]
+    for thread in threads:
+        thread.start()
+    release.set()
+    for thread in threads:
+        thread.join()
+    return TaskResult(passed=True, note=f"{len(threads)} threads as uid {os.getuid()}")
+
+
+@flow("threads")
+def threads_flow():
+    many_threads()
+
+
+@task
+def fork_loop():
+    for _ in range(200):  # self-capped: 200 sleeping children at most
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+    time.sleep(60)
+
+
+@flow("fork loop")
+def fork_loop_flow():
+    fork_loop()
+'''
+
+
+@pytest.fixture(scope="module")
+def sizes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import HEADER
+
+    directory = tmp_path_factory.mktemp("sizes")
+    directory.chmod(0o755)
+    path = directory / "size_flows.py"
+    path.write_text(HEADER.format(tmp=str(directory)) + SIZES, encoding="utf-8")
+    return path
+
+
+@pytest.mark.timeout(60)
+def test_a_result_cap_above_64_mib_works_on_every_hop(sizes: Path) -> None:
+    ran = execute_flow(sizes, "big payload", options=RunOptions(max_result=80 << 20))
+    assert [(t.name, t.state) for t in ran.record.tasks] == [
+        ("make_payload", "COMPLETED"), ("measure", "COMPLETED")]
+    assert f"measured {(64 << 20) + 4096}" in ran.events.lines(None)
+    assert ran.record.state == "COMPLETED"
+
+
+def test_arguments_over_the_cap_fail_the_call_with_size_and_cap(sizes: Path) -> None:
+    ran = execute_flow(sizes, "big arguments", options=RunOptions(max_result=1 << 20))
+    task = ran.task("measure")
+    assert (task.state, task.note) == (
+        "FAILED", "arguments of task 'measure' are 2.0 MiB, over the result size cap of 1.0 MiB")
+    assert ran.record.state == "FAILED"
+
+
+def test_a_table_too_big_for_a_header_fails_with_its_size_and_the_cap(sizes: Path) -> None:
+    ran = execute_flow(sizes, "big table")
+    task = ran.task("big_table")
+    assert task.state == "FAILED"
+    assert task.note.startswith("result of task 'big_table': its note and table take ")
+    assert "MiB as JSON, over the cap of 4.0 MiB for a result summary" in task.note
+    assert "could not start" not in task.note
+
+
+@pytest.fixture(scope="module")
+def task_user() -> Iterator[dict[str, int]]:
+    """Options that run tasks as a non-root user: a throwaway one when we are root."""
+    if os.geteuid() != 0:
+        yield {}
+        return
+    user = "perfect-test-frames"
+    created = subprocess.run(["useradd", "--system", "--no-create-home", user],
+                             capture_output=True).returncode == 0
+    ids = subprocess.run(["id", "-u", user], capture_output=True, text=True)
+    if ids.returncode != 0:
+        pytest.skip("cannot create a throwaway user here (no useradd)")
+    gid = int(subprocess.run(["id", "-g", user], capture_output=True, text=True).stdout)
+    try:
+        yield {"task_user": int(ids.stdout), "task_group": gid}
+    finally:
+        if created:
+            subprocess.run(["userdel", user], capture_output=True)
+
+
+def test_threads_are_not_processes_under_max_procs(sizes: Path,
+                                                    task_user: dict[str, int]) -> None:
+    ran = execute_flow(sizes, "threads", options=RunOptions(max_procs=10, **task_user))
+    task = ran.task("many_threads")
+    uid = task_user.get("task_user", os.getuid())
+    assert (task.state, task.note) == ("COMPLETED", f"500 threads as uid {uid}")
+
+
+def test_a_fork_loop_is_still_stopped_as_non_root(sizes: Path,
+                                                  task_user: dict[str, int]) -> None:
+    ran = execute_flow(sizes, "fork loop",
+                       options=RunOptions(max_procs=10, kill_grace=0.5, **task_user))
+    task = ran.task("fork_loop")
+    assert task.state == "FAILED"
+    assert task.note.startswith("killed: process limit exceeded (")
+    assert task.note.endswith("processes, --max-procs 10)")
