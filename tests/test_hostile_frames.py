@@ -20,6 +20,7 @@ import pytest
 from conftest import execute_flow, run_cli
 
 from perfect_runner.executor.options import RunOptions
+from perfect_runner.isolation.protocol import NOTE_MAX
 
 FORGE = '''
 import json
@@ -221,6 +222,23 @@ def big_table_flow():
 
 
 @task
+def noisy_crash():
+    for _ in range(3):
+        print("e" * 60_000, file=sys.stderr, flush=True)
+    os._exit(3)
+
+
+@flow("noisy crash")
+def noisy_crash_flow():
+    from perfect_runner import TaskFailed
+
+    try:
+        noisy_crash()
+    except TaskFailed as exc:
+        print(f"caught TaskFailed of {len(str(exc))} characters", flush=True)
+
+
+@task
 def many_threads():
     threading.stack_size(256 * 1024)
     release = threading.Event()
@@ -288,6 +306,15 @@ def test_a_table_too_big_for_a_header_fails_with_its_size_and_the_cap(sizes: Pat
     assert task.note.startswith("result of task 'big_table': its note and table take ")
     assert "MiB as JSON, over the cap of 4.0 MiB for a result summary" in task.note
     assert "could not start" not in task.note
+
+
+def test_a_long_failure_note_reaches_the_flow_body_cut_to_fit(sizes: Path) -> None:
+    ran = execute_flow(sizes, "noisy crash")
+    task = ran.task("noisy_crash")
+    assert task.state == "FAILED" and len(task.note) > 180_000  # three 60 kB stderr lines
+    (caught,) = [line for line in ran.events.lines(None) if line.startswith("caught")]
+    prefix = "Task 'noisy_crash' failed: "
+    assert caught == f"caught TaskFailed of {len(prefix) + NOTE_MAX} characters"
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,14 @@ from ..isolation.child_process import ChildProcess
 from ..isolation.launcher import Launcher, LaunchError
 from ..isolation.outcome import Kind, Outcome, describe_signal
 from ..isolation.protocol import (
+    NOTE_MAX,
     CallTask,
     FlowFinished,
     FlowRaised,
     RunTask,
     StartFlow,
     TaskReply,
+    clip,
 )
 from ..isolation.selector_loop import SelectorLoop
 from ..isolation.supervisor import TaskSupervisor
@@ -256,9 +258,10 @@ class FlowRun:
             return TaskReply(action="return", task_name=name), outcome.blob
         if not task.crucial_pass:
             return TaskReply(action="return_none", task_name=name), b""
+        note = clip(task.note, NOTE_MAX)  # a crash note quotes stderr lines of any length
         if outcome.kind is Kind.RAISED and outcome.blob:
-            return TaskReply(action="raise", task_name=name, note=task.note), outcome.blob
-        return TaskReply(action="fail", task_name=name, note=task.note), b""
+            return TaskReply(action="raise", task_name=name, note=note), outcome.blob
+        return TaskReply(action="fail", task_name=name, note=note), b""
 
     # --- end of the flow --------------------------------------------------
 

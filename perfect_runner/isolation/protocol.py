@@ -92,7 +92,7 @@ MAX_HEADER = 4 * 1024 * 1024
 MAX_BLOB = (1 << 32) - 1  # what a 32-bit length can say
 DEFAULT_MAX_BLOB = 64 * 1024 * 1024
 
-NAME_MAX = 16 * 1024  # task keys and names, type names (characters)
+NAME_MAX = 64 * 1024  # flow and task names and keys, type names (characters)
 NOTE_MAX = 32 * 1024  # notes and exception messages
 TRACEBACK_MAX = 20_000
 BYTES = Integer(0, (1 << 63) - 1)
@@ -276,7 +276,8 @@ SENDS = {"task": TASK_SENDS, "flow": FLOW_SENDS,
 
 def clip(text: str, limit: int) -> str:
     """`text` cut to fit a field of `limit` characters (child side: never send too much)."""
-    return text if len(text) <= limit else text[:limit - 20] + " ... [cut]"
+    marker = " ... [cut]"
+    return text if len(text) <= limit else text[:limit - len(marker)] + marker
 
 
 class Conversation:
