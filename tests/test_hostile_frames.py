@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import execute_flow, run_cli
+from worker_process import start_worker, stop_worker, worker_output
 
 from perfect_runner.executor.options import RunOptions
 from perfect_runner.isolation.protocol import NOTE_MAX
@@ -107,8 +108,39 @@ FLOW_FORGERIES = {
 }
 
 
+HONEST = '''
+
+@task
+def slow_ok():
+    (TMP / "slow_ok.started").write_text("")
+    time.sleep(0.3)
+    return TaskResult(passed=True, note="slow ok")
+
+
+@flow("call in flight at return")
+def call_in_flight():
+    threading.Thread(target=slow_ok).start()
+    wait_for_file(TMP / "slow_ok.started")  # the body returns while the call is in flight
+
+
+@task
+def chatty(n):
+    def ping():
+        for i in range(100_000):
+            report_progress(i % 100)
+    threading.Thread(target=ping, daemon=True).start()
+    return n
+
+
+@flow("progress racing the final frame")
+def progress_race():
+    for n in range(20):
+        assert chatty(n) == n
+'''
+
+
 def hostile_source() -> str:
-    parts = ["import pickle\n", FORGE]
+    parts = ["import pickle\n", FORGE, HONEST]
     for name, (body, _) in TASK_FORGERIES.items():
         parts.append(f"\n@task(crucial_pass=False)\ndef {name}():\n    {body}\n    block()\n"
                      f"\n@flow({name!r})\ndef flow_{name}():\n    {name}()\n    healthy()\n")
@@ -174,6 +206,37 @@ def test_local_mode_writes_the_report_and_goes_on_to_the_next_run(hostile: Path,
                                                          ("healthy", "COMPLETED")]
     assert tasks[0]["note"] == ("broke the runner protocol: progress.percent must be a "
                                 "number, got str 'abc'")
+
+
+@pytest.mark.parametrize(("name", "tasks"), [("call in flight at return", 1),
+                                           ("progress racing the final frame", 20)])
+def test_honest_children_racing_their_final_frame_keep_the_protocol(
+        hostile: Path, name: str, tasks: int) -> None:
+    ran = execute_flow(hostile, name)
+    assert ran.record.state == "COMPLETED", ran.record.note
+    assert [t.state for t in ran.record.tasks] == ["COMPLETED"] * tasks
+
+
+@pytest.mark.timeout(60)
+def test_worker_reports_forgers_failed_and_serves_on(fake, hostile: Path, tmp_path: Path) -> None:
+    worker = start_worker(fake.url, hostile, tmp_path)
+    try:
+        fake.wait_for(lambda: len(fake.flows) == len(TASK_FORGERIES) + len(FLOW_FORGERIES) + 2, 15)
+        for flow_name in ("percent_abc", "key_is_a_list"):
+            run_id = fake.trigger(flow_name)
+            fake.wait_for(lambda run_id=run_id: fake.run(run_id)["state"] != "RUNNING"
+                          and fake.run(run_id)["state"] != "PENDING", 20)
+            run = fake.run(run_id)
+            notes = [t["result"]["note"] for t in run["tasks"] if t["state"] == "FAILED"]
+            assert len(notes) == 1 and "broke the runner protocol: " in notes[0], run
+            # A forger's run is over; the flow is back in the library for the next one.
+            fake.wait_for(lambda flow_name=flow_name: any(
+                f["name"] == flow_name for f in fake.flows), 10)
+        assert fake.run(run_id)["state"] == "FAILED"  # the flow forger fails its run
+        assert worker.poll() is None, worker_output(tmp_path)
+    finally:
+        stop_worker(worker)
+    assert "Traceback" not in worker_output(tmp_path)
 
 
 # --- sizes ----------------------------------------------------------------------------
