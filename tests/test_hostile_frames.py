@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import execute_flow, run_cli
+from conftest import execute_flow, module_flows, run_cli
 from worker_process import start_worker, stop_worker, worker_output
 
 from perfect_runner.executor.options import RunOptions
@@ -152,12 +152,7 @@ def hostile_source() -> str:
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import HEADER
-
-    directory = tmp_path_factory.mktemp("hostile")
-    path = directory / "hostile_flows.py"
-    path.write_text(HEADER.format(tmp=str(directory)) + hostile_source(), encoding="utf-8")
-    return path
+    return module_flows(tmp_path_factory, "hostile_flows", hostile_source())
 
 
 @pytest.mark.parametrize("name", list(TASK_FORGERIES))
@@ -336,13 +331,7 @@ def fork_loop_flow():
 
 @pytest.fixture(scope="module")
 def sizes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import HEADER
-
-    directory = tmp_path_factory.mktemp("sizes")
-    directory.chmod(0o755)
-    path = directory / "size_flows.py"
-    path.write_text(HEADER.format(tmp=str(directory)) + SIZES, encoding="utf-8")
-    return path
+    return module_flows(tmp_path_factory, "size_flows", SIZES)
 
 
 @pytest.mark.timeout(60)

@@ -60,10 +60,11 @@ come. `decode_header` checks every header against its class's `SCHEMA`
 missing or unknown keys; strict JSON, so no NaN or Infinity) and against the
 role of the sender (`TASK_SENDS`, `FLOW_SENDS`); `Conversation` checks the
 turn-taking above (nothing before the first frame went out, nothing after a
-final frame, no second CallTask before its reply). Any of that, an oversized
-or garbled frame, or a truncated one at EOF, is a `ProtocolError`: the
-control process closes the channel, kills the child's tree at once and fails
-the attempt with "broke the runner protocol: <what>".
+final frame, no second CallTask before its reply). Any of that, or an
+oversized or garbled frame, is a `ProtocolError`: the control process kills
+the child's tree at once, closes the channel unread and fails the attempt with
+"broke the runner protocol: <what>" (a flow process's: the run). A frame cut
+short by the child's exit is not an error of its own: the exit says more.
 
 Sizes
 -----
