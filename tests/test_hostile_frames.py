@@ -86,9 +86,8 @@ TASK_FORGERIES = {
                    'frame({"type": "task_raised", "exc_type": "E", "message": "m", '
                    '"traceback": "t"}))',
                    "task_raised frame after its final frame"),
-    "late_forgery": ('threading.Thread(target=lambda: (time.sleep(0.05), forge(b"junk" * 9)))'
-                     '.start()\n    report_progress(10)',
-                     "frame header of 1786080875 bytes exceeds 4194304"),
+    "after_good_frames": ('report_progress(10)\n    forge(b"junk" * 9)',
+                          "frame header of 1786080875 bytes exceeds 4194304"),
 }
 
 # flow -> (body, the run's note after "flow process broke the runner protocol: ")
@@ -121,6 +120,21 @@ def slow_ok():
 def call_in_flight():
     threading.Thread(target=slow_ok).start()
     wait_for_file(TMP / "slow_ok.started")  # the body returns while the call is in flight
+
+
+@task
+def sleeper():
+    (TMP / "sleeper.started").write_text("")
+    time.sleep(60)
+
+
+@flow("forges while a task runs")
+def forges_while_a_task_runs():
+    def forger():
+        wait_for_file(TMP / "sleeper.started")
+        forge(b"\\x00\\x00\\x00\\x01\\x00\\x00\\x00\\x00!")
+    threading.Thread(target=forger).start()
+    sleeper()
 
 
 @task
@@ -203,6 +217,16 @@ def test_local_mode_writes_the_report_and_goes_on_to_the_next_run(hostile: Path,
                                 "number, got str 'abc'")
 
 
+def test_a_flow_that_forges_while_its_task_runs_stops_that_task(hostile: Path) -> None:
+    ran = execute_flow(hostile, "forges while a task runs")
+    assert ran.record.state == "FAILED"
+    assert ran.record.note.startswith("flow process broke the runner protocol: malformed")
+    task = ran.task("sleeper")
+    assert (task.state, task.note) == (
+        "FAILED", "cancelled: the flow process broke the runner protocol")
+    assert ran.record.ended_at - ran.record.started_at < 10
+
+
 @pytest.mark.parametrize(("name", "tasks"), [("call in flight at return", 1),
                                            ("progress racing the final frame", 20)])
 def test_honest_children_racing_their_final_frame_keep_the_protocol(
@@ -216,7 +240,7 @@ def test_honest_children_racing_their_final_frame_keep_the_protocol(
 def test_worker_reports_forgers_failed_and_serves_on(fake, hostile: Path, tmp_path: Path) -> None:
     worker = start_worker(fake.url, hostile, tmp_path)
     try:
-        fake.wait_for(lambda: len(fake.flows) == len(TASK_FORGERIES) + len(FLOW_FORGERIES) + 2, 15)
+        fake.wait_for(lambda: len(fake.flows) == len(TASK_FORGERIES) + len(FLOW_FORGERIES) + 3, 15)
         for flow_name in ("percent_abc", "key_is_a_list"):
             run_id = fake.trigger(flow_name)
             fake.wait_for(lambda run_id=run_id: fake.run(run_id)["state"] != "RUNNING"

@@ -175,7 +175,7 @@ class FlowRun:
         started = time.monotonic()
         for attempt in range(1, retries + 2):
             task.attempts = attempt
-            outcome = self._attempt(task, call, args_blob, meta, attempt, started)
+            outcome = self._attempt(task, call, args_blob, meta, attempt, started, flow)
             if outcome.passed or attempt > retries or self.cancel_reason() or flow.over:
                 return outcome
             task.state, task.note = "RETRYING", f"attempt {attempt} failed: {outcome.note()}"
@@ -186,8 +186,14 @@ class FlowRun:
         return outcome
 
     def _attempt(self, task: TaskRecord, call: CallTask, args_blob: bytes, meta: dict[str, Any],
-                 attempt: int, started: float) -> Outcome:
+                 attempt: int, started: float, flow: ChildProcess) -> Outcome:
         limits = task_limits(meta, self.options)
+        def stop_reason() -> tuple[Kind, str] | None:
+            # A flow process that broke the protocol is dead: nobody waits for this task.
+            if flow.protocol_error:
+                return Kind.CANCELLED, "the flow process broke the runner protocol"
+            return self.cancel_reason()
+
         def tick(reported: float | None) -> None:
             elapsed_ms = (time.monotonic() - started) * 1000
             estimate = reported if reported is not None else elapsed_ms / task.estimated_time * 100
@@ -201,7 +207,7 @@ class FlowRun:
             supervisor = TaskSupervisor(
                 self.launcher, self.loop, limits,
                 lambda stream, lines: self.listener.task_output(self.run, task, stream, lines),
-                tick, self.options.progress_interval, self.cancel_reason,
+                tick, self.options.progress_interval, stop_reason,
             )
             outcome = supervisor.run(request, args_blob, self.spare.take(), self.spare.prepare)
         self._retire(supervisor.leftover)
