@@ -384,3 +384,18 @@ def test_closure_variables_resolve() -> None:
 def test_a_flow_without_source_has_no_static_order() -> None:
     flow_body = eval("lambda: extract()")  # noqa: S307 - no source file to read
     assert order(flow_body) == []
+
+
+# --- what an honest task process sends ---------------------------------------------
+
+
+def test_an_honest_summary_always_passes_the_checks() -> None:
+    from perfect_runner import TaskResult
+    from perfect_runner.isolation.task_child import summarize
+
+    summary = summarize(TaskResult(passed=True, note="n", table=[
+        1, "x", {"nan": float("nan"), "deep": _nested(100)}, [1, 2]]))
+    (got,) = list(FrameReader(sender="task").feed(encode_frame(summary)))
+    rows = got[0].table
+    assert rows[:2] == [{"value": 1}, {"value": "x"}] and rows[3] == {"value": [1, 2]}
+    assert rows[2]["nan"] == "NaN"
