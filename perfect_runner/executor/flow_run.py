@@ -129,8 +129,8 @@ class FlowRun:
                 return
             message, blob = flow.frames.popleft()
             if isinstance(message, CallTask):
-                reply, reply_blob = self._call_task(message, blob, flow)
-                flow.send(reply, reply_blob)
+                flow.send(*self._call_task(message, blob, flow))
+                del blob  # a big payload is not kept while the next frame arrives
             else:
                 self._flow_ended(message)
                 return

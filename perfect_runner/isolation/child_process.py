@@ -32,6 +32,7 @@ from .protocol import (
     Message,
     ProtocolError,
     encode_frame,
+    frame_head,
 )
 from .selector_loop import SelectorLoop
 
@@ -128,12 +129,13 @@ class ChildProcess:
         self.conversation.sent(message)
         if self.chan.fileno() < 0:
             return False  # closed: it broke the protocol
-        return self._send_raw(encode_frame(message, blob, self._max_blob))
+        return self._send_raw(frame_head(message, len(blob), self._max_blob), blob)
 
-    def _send_raw(self, data: bytes) -> bool:
+    def _send_raw(self, *parts: bytes) -> bool:
         try:
             self.chan.setblocking(True)
-            self.chan.sendall(data)
+            for part in parts:
+                self.chan.sendall(part)
             return True
         except OSError:
             return False

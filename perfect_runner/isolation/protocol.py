@@ -315,12 +315,17 @@ class Conversation:
 
 
 def encode_frame(message: Message, blob: bytes = b"", max_blob: int = DEFAULT_MAX_BLOB) -> bytes:
+    return frame_head(message, len(blob), max_blob) + blob
+
+
+def frame_head(message: Message, blob_len: int, max_blob: int = DEFAULT_MAX_BLOB) -> bytes:
+    """Prefix and header of a frame; sent before the blob, a big blob is never copied."""
     header = encode_header(message)
     if len(header) > MAX_HEADER:
         raise ProtocolError(f"{message.TYPE} header of {len(header)} bytes exceeds {MAX_HEADER}")
-    if len(blob) > max_blob:
-        raise ProtocolError(f"{message.TYPE} payload of {len(blob)} bytes exceeds {max_blob}")
-    return PREFIX.pack(len(header), len(blob)) + header + blob
+    if blob_len > max_blob:
+        raise ProtocolError(f"{message.TYPE} payload of {blob_len} bytes exceeds {max_blob}")
+    return PREFIX.pack(len(header), blob_len) + header
 
 
 def encode_header(message: Message) -> bytes:

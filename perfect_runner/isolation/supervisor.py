@@ -129,6 +129,7 @@ class TaskSupervisor:
             # descendants' take a while: the caller awaits them (`leftover.stop()`)
             # later, off the critical path.
             child.close_io()
+            child.frames.clear()  # the outcome has the blob; a retired process keeps none
             self.leftover = child
 
     def _watch(self, child: ChildProcess) -> None:
