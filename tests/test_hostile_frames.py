@@ -429,3 +429,11 @@ def test_a_fork_loop_is_still_stopped_as_non_root(sizes: Path,
     assert task.state == "FAILED"
     assert task.note.startswith("killed: process limit exceeded (")
     assert task.note.endswith("processes, --max-procs 10)")
+
+
+def test_a_result_cap_no_frame_can_carry_is_a_usage_error(sizes: Path, tmp_path: Path) -> None:
+    result = run_cli("--flows", str(sizes), "--list", "--max-result-size", "5GiB", cwd=tmp_path)
+    assert result.code == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "perfect-runner: error: --max-result-size 5GiB: at most 4,294,967,295 bytes (4 GiB - 1), "
+        "the biggest payload a frame can carry")
