@@ -114,6 +114,18 @@ FAULTS: dict[str, tuple[str, str, str, str]] = {
     """, "FAILED", "ValueError: outer"),
     "KeyboardInterrupt": ("", "raise KeyboardInterrupt", "FAILED", "interrupted: Keyboard"),
     "input()": ("", 'return input("name? ")', "FAILED", "EOFError"),
+    "forged frame on fd 3": ("", """
+        import struct
+        header = b'{{"type": "progress", "percent": "abc"}}'
+        os.write(3, struct.pack(">II", len(header), 0) + header)
+        time.sleep(60)
+    """, "FAILED", "broke the runner protocol: progress.percent"),
+    "4 GiB prefix, blocked write": ("", """
+        import socket
+        import struct
+        chan = socket.socket(fileno=os.dup(3))
+        chan.sendall(struct.pack(">II", 2, 0xFFFFFFFF) + b"x" * (64 << 20))
+    """, "FAILED", "broke the runner protocol: frame payload"),
 }
 
 HEADER = '''

@@ -12,6 +12,7 @@ from typing import Any
 
 from . import __version__
 from .executor.options import DEFAULT_MAX_RESULT, RunOptions
+from .isolation.protocol import MAX_BLOB
 from .sdk.units import parse_size
 
 DEFAULT_SERVER = "http://localhost:3000"
@@ -187,7 +188,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         max_procs=args.max_procs,
         hard_memory_cap=args.hard_memory_cap,
         progress_interval=args.progress_interval,
-        max_result=_size("--max-result-size", args.max_result_size) or DEFAULT_MAX_RESULT,
+        max_result=_result_cap(args.max_result_size),
         full_tracebacks=args.full_tracebacks,
     )
 
@@ -225,6 +226,15 @@ def task_identity(user: str | None, group: str | None) -> tuple[int | None, int 
 
 def _size(option: str, value: str | None) -> int | None:
     return _convert(option, value, parse_size)
+
+
+def _result_cap(value: str | None) -> int:
+    cap = _size("--max-result-size", value) or DEFAULT_MAX_RESULT
+    # A frame's payload length is 32 bits: the biggest payload it can announce.
+    if cap > MAX_BLOB:
+        raise UsageError(f"--max-result-size {value}: at most {MAX_BLOB:,} bytes "
+                         "(4 GiB - 1), the biggest payload a frame can carry")
+    return cap
 
 
 def _convert(option: str, value: Any, convert: Callable[[Any], Any]) -> Any:

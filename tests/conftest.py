@@ -68,6 +68,15 @@ def write_flows(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
+def module_flows(factory: pytest.TempPathFactory, name: str, source: str) -> Path:
+    """A flows module `name`.py (HEADER + source) in a fresh directory, for a module-scoped
+    fixture shared by many tests."""
+    directory = factory.mktemp(name)
+    path = directory / f"{name}.py"
+    path.write_text(HEADER.format(tmp=str(directory)) + source, encoding="utf-8")
+    return path
+
+
 def snapshot(task: TaskRecord) -> TaskRecord:
     return dataclasses.replace(task, table=list(task.table))
 

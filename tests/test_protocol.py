@@ -3,8 +3,12 @@ line splitter, the supervisor's deadline step and the AST task order."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 import socket
 import struct
+from typing import Any
 
 import pytest
 
@@ -13,14 +17,22 @@ from perfect_runner.isolation.lines import CONTINUED, LineSplitter
 from perfect_runner.isolation.loader import tasks_in_call_order
 from perfect_runner.isolation.protocol import (
     MAX_HEADER,
+    NOTE_MAX,
     CallTask,
     ChannelClosed,
+    Conversation,
     FlowFinished,
+    FlowRaised,
     FrameReader,
+    Message,
     Progress,
     ProtocolError,
     RunTask,
+    StartFlow,
+    TaskRaised,
+    TaskReply,
     TaskReturned,
+    TaskUnsendable,
     encode_frame,
     recv_message,
     send_message,
@@ -67,17 +79,136 @@ def test_oversized_frames_are_refused_before_buffering() -> None:
         encode_frame(FlowFinished(), b"x" * 101, max_blob=100)
 
 
-@pytest.mark.parametrize("header", [b"not json", b'{"type": "no_such_type"}', b"[1]",
-                                    b'{"type": "progress"}'])
-def test_malformed_headers_are_protocol_errors(header: bytes) -> None:
-    with pytest.raises(ProtocolError, match="malformed frame header"):
+@pytest.mark.parametrize(("header", "why"), [
+    (b"not json", "malformed frame header: Expecting value"),
+    (b'{"type": "no_such_type"}', "unknown frame type str 'no_such_type'"),
+    (b"[1]", "malformed frame header: list [1], not a JSON object"),
+    (b'{"type": "progress"}', "progress frame lacks percent"),
+    (b"\xff\xfe\x00garbage", "malformed frame header"),
+    (b"[" * 100_000 + b"]" * 100_000, "malformed frame header: maximum recursion depth"),
+])
+def test_malformed_headers_are_protocol_errors(header: bytes, why: str) -> None:
+    with pytest.raises(ProtocolError, match=re.escape(why)):
         list(FrameReader().feed(struct.pack(">II", len(header), 0) + header))
 
 
-def test_unknown_header_fields_are_ignored() -> None:
-    header = b'{"type": "progress", "percent": 3, "added_later": true}'
-    (got,) = list(FrameReader().feed(struct.pack(">II", len(header), 0) + header))
-    assert got == (Progress(percent=3), b"")
+def frame_of(header: dict[str, Any]) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack(">II", len(raw), 0) + raw
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+BIG = "x" * (NOTE_MAX + 1)
+
+
+@pytest.mark.parametrize(("header", "why"), [
+    ({"type": "progress", "percent": "abc"}, "progress.percent must be a number, got str 'abc'"),
+    ({"type": "progress", "percent": True}, "progress.percent must be a number, got bool True"),
+    ({"type": "progress", "percent": 101}, "progress.percent must be a number from 0 to 100"),
+    ({"type": "progress", "percent": 5, "extra": 1}, "progress frame has unknown keys"),
+    ({"type": "task_returned", "result_type": "int", "table": 5},
+     "task_returned.table must be a list of JSON objects, got int 5"),
+    ({"type": "task_returned", "result_type": "int", "table": [1, 2]},
+     "task_returned.table must be a list of JSON objects (row 0 is a number)"),
+    ({"type": "task_returned", "result_type": "int", "table": [{"a": _nested(70)}]},
+     "(row 0 is nested deeper than 64 levels)"),
+    ({"type": "task_returned", "result_type": "int", "peak_rss": "lots"},
+     "task_returned.peak_rss must be an integer, got str 'lots'"),
+    ({"type": "task_returned", "result_type": "int", "peak_rss": -1},
+     "task_returned.peak_rss must be an integer from 0"),
+    ({"type": "task_returned", "result_type": "int", "passed": 1},
+     "task_returned.passed must be true or false, got int 1"),
+    ({"type": "task_returned", "result_type": "int", "note": BIG},
+     f"task_returned.note must be a string of at most {NOTE_MAX:,} characters"),
+    ({"type": "task_raised", "exc_type": "E", "message": "m", "traceback": ["t"]},
+     "task_raised.traceback must be a string, got list ['t']"),
+    ({"type": "task_unsendable", "note": None}, "task_unsendable.note must be a string"),
+])
+def test_task_frames_are_checked_field_by_field(header: dict[str, Any], why: str) -> None:
+    with pytest.raises(ProtocolError, match=re.escape(why)):
+        list(FrameReader(sender="task").feed(frame_of(header)))
+
+
+@pytest.mark.parametrize("raw", [b'{"type":"progress","percent":NaN}',
+                                 b'{"type":"progress","percent":Infinity}',
+                                 b'{"type":"progress","percent":1e999}',
+                                 b'{"type":"task_returned","result_type":"x",'
+                                 b'"table":[{"a":[-1e999]}]}'])
+def test_nan_and_infinity_are_refused_however_spelled(raw: bytes) -> None:
+    with pytest.raises(ProtocolError, match="NaN is not JSON|Infinity is not JSON|not finite"
+                       "|from 0 to 100"):
+        list(FrameReader(sender="task").feed(struct.pack(">II", len(raw), 0) + raw))
+
+
+def test_flow_frames_are_checked_too() -> None:
+    with pytest.raises(ProtocolError, match=re.escape("call_task.key must be a string, got "
+                                                      "list ['a', 'b']")):
+        list(FrameReader(sender="flow").feed(frame_of(
+            {"type": "call_task", "key": ["a", "b"], "name": "n"})))
+
+
+@pytest.mark.parametrize(("sender", "message"), [
+    ("task", CallTask(key="k", name="n")), ("task", FlowFinished()),
+    ("task", RunTask(key="k", name="n", index=0)),
+    ("flow", Progress(percent=1)), ("flow", TaskReturned(result_type="int")),
+    ("flow", StartFlow(flow_name="f", run_id="r")),
+])
+def test_a_role_may_send_only_its_own_frames(sender: str, message: Message) -> None:
+    with pytest.raises(ProtocolError, match=f"a {sender} process may not send {message.TYPE}"):
+        list(FrameReader(sender=sender).feed(encode_frame(message)))
+
+
+def test_every_good_frame_of_a_role_passes() -> None:
+    task_frames = [Progress(percent=99.5), TaskReturned(
+        result_type="TaskResult", is_task_result=True, passed=False, note="n",
+        table=[{"a": [1, {"b": None}], "c": 1.5}], peak_rss=1 << 40),
+        TaskRaised(exc_type="E", message="m", traceback="t"), TaskUnsendable(note="n")]
+    for message in task_frames:
+        assert list(FrameReader(sender="task").feed(encode_frame(message))) == [(message, b"")]
+    for message in (CallTask(key="k", name="n", args_error="e"), FlowFinished(),
+                    FlowRaised(exc_type="E", message="m", traceback="t")):
+        assert list(FrameReader(sender="flow").feed(encode_frame(message))) == [(message, b"")]
+
+
+def test_every_field_of_every_message_has_a_check() -> None:
+    for cls in Message.registry.values():
+        assert set(cls.SCHEMA) == {f.name for f in dataclasses.fields(cls)}, cls
+
+
+# --- turn-taking ---------------------------------------------------------------------
+
+
+def test_a_task_speaks_only_between_its_run_task_and_one_final_frame() -> None:
+    talk = Conversation("task")
+    with pytest.raises(ProtocolError, match="progress frame before it was given its work"):
+        talk.received(Progress(percent=1))
+    talk = Conversation("task")
+    talk.sent(RunTask(key="k", name="n", index=0))
+    talk.received(Progress(percent=1))
+    talk.received(TaskReturned(result_type="int"))
+    with pytest.raises(ProtocolError, match="task_returned frame after its final frame"):
+        talk.received(TaskReturned(result_type="int"))
+
+
+def test_a_flow_waits_for_each_reply_before_it_speaks_again() -> None:
+    talk = Conversation("flow")
+    talk.sent(StartFlow(flow_name="f", run_id="r"))
+    talk.received(CallTask(key="k", name="n"))
+    with pytest.raises(ProtocolError, match="call_task frame while its task call awaits"):
+        talk.received(CallTask(key="k", name="n"))
+    talk = Conversation("flow")
+    talk.sent(StartFlow(flow_name="f", run_id="r"))
+    talk.received(CallTask(key="k", name="n"))
+    talk.sent(TaskReply(action="return_none", task_name="n"))
+    talk.received(FlowFinished())
+    with pytest.raises(ProtocolError, match="flow_finished frame after its final frame"):
+        talk.received(FlowFinished())
 
 
 def test_blocking_reader_says_how_much_it_had_when_the_channel_closed() -> None:
@@ -253,3 +384,18 @@ def test_closure_variables_resolve() -> None:
 def test_a_flow_without_source_has_no_static_order() -> None:
     flow_body = eval("lambda: extract()")  # noqa: S307 - no source file to read
     assert order(flow_body) == []
+
+
+# --- what an honest task process sends ---------------------------------------------
+
+
+def test_an_honest_summary_always_passes_the_checks() -> None:
+    from perfect_runner import TaskResult
+    from perfect_runner.isolation.task_child import summarize
+
+    summary = summarize(TaskResult(passed=True, note="n", table=[
+        1, "x", {"nan": float("nan"), "deep": _nested(100)}, [1, 2]]))
+    (got,) = list(FrameReader(sender="task").feed(encode_frame(summary)))
+    rows = got[0].table
+    assert rows[:2] == [{"value": 1}, {"value": "x"}] and rows[3] == {"value": [1, 2]}
+    assert rows[2]["nan"] == "NaN"

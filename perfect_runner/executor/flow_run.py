@@ -25,12 +25,14 @@ from ..isolation.child_process import ChildProcess
 from ..isolation.launcher import Launcher, LaunchError
 from ..isolation.outcome import INTERRUPTED_BY, Kind, Outcome, describe_signal
 from ..isolation.protocol import (
+    NOTE_MAX,
     CallTask,
     FlowFinished,
     FlowRaised,
     RunTask,
     StartFlow,
     TaskReply,
+    clip,
 )
 from ..isolation.selector_loop import SelectorLoop
 from ..isolation.supervisor import TaskSupervisor
@@ -105,11 +107,11 @@ class FlowRun:
 
     def _run_flow_process(self) -> None:
         start = StartFlow(flow_name=self.run.flow_name, run_id=self.run.run_id,
-                          setup=process_setup(self.options))
+                          max_result=self.options.max_result, setup=process_setup(self.options))
         try:
             flow = ChildProcess(self.launcher, ChildConfig(role="flow", parent_pid=0),
                                 self.loop, self._flow_output,
-                                max_blob=self.options.max_result + (1 << 20),
+                                max_blob=self.options.max_result,
                                 first_frame=(start, b""))
         except LaunchError as exc:
             self._fail_flow(f"could not start the flow process: {exc}")
@@ -125,20 +127,20 @@ class FlowRun:
     def _serve(self, flow: ChildProcess) -> None:
         """Answer the flow process's task calls until its body is done."""
         while True:
-            while not flow.frames and flow.running and not self.cancel_reason():
+            while not flow.frames and not flow.over and not self.cancel_reason():
                 self.loop.poll(self._time_left())
             if self.cancel_reason():
                 self._on_cancelled()
                 return
-            if not flow.frames:
+            if not flow.frames and not flow.protocol_error:
                 flow.drain()
-            if not flow.frames:
+            if not flow.frames or flow.protocol_error:
                 self._flow_died(flow)
                 return
             message, blob = flow.frames.popleft()
             if isinstance(message, CallTask):
-                reply, reply_blob = self._call_task(message, blob, flow)
-                flow.send(reply, reply_blob)
+                flow.send(*self._call_task(message, blob, flow))
+                del blob  # a big payload is not kept while the next frame arrives
             else:
                 self._flow_ended(message)
                 return
@@ -183,8 +185,8 @@ class FlowRun:
         started = time.monotonic()
         for attempt in range(1, retries + 2):
             task.attempts = attempt
-            outcome = self._attempt(task, call, args_blob, meta, attempt, started)
-            if outcome.passed or attempt > retries or self.cancel_reason() or not flow.running:
+            outcome = self._attempt(task, call, args_blob, meta, attempt, started, flow)
+            if outcome.passed or attempt > retries or self.cancel_reason() or flow.over:
                 return outcome
             task.state, task.note = "RETRYING", f"attempt {attempt} failed: {outcome.note()}"
             self.listener.task_retrying(self.run, task)
@@ -196,8 +198,14 @@ class FlowRun:
         return outcome
 
     def _attempt(self, task: TaskRecord, call: CallTask, args_blob: bytes, meta: dict[str, Any],
-                 attempt: int, started: float) -> Outcome:
+                 attempt: int, started: float, flow: ChildProcess) -> Outcome:
         limits = task_limits(meta, self.options)
+        def stop_reason() -> tuple[Kind, str] | None:
+            # A flow process that broke the protocol is dead: nobody waits for this task.
+            if flow.protocol_error:
+                return Kind.CANCELLED, "the flow process broke the runner protocol"
+            return self.cancel_reason()
+
         def tick(reported: float | None) -> None:
             elapsed_ms = (time.monotonic() - started) * 1000
             estimate = reported if reported is not None else elapsed_ms / task.estimated_time * 100
@@ -211,7 +219,7 @@ class FlowRun:
             supervisor = TaskSupervisor(
                 self.launcher, self.loop, limits,
                 lambda stream, lines: self.listener.task_output(self.run, task, stream, lines),
-                tick, self.options.progress_interval, self.cancel_reason,
+                tick, self.options.progress_interval, stop_reason,
                 full_tracebacks=self.options.full_tracebacks,
             )
             outcome = supervisor.run(request, args_blob, self.spare.take(), self.spare.prepare)
@@ -277,9 +285,10 @@ class FlowRun:
             return TaskReply(action="return", task_name=name), outcome.blob
         if not task.crucial_pass:
             return TaskReply(action="return_none", task_name=name), b""
+        note = clip(task.note, NOTE_MAX)  # a crash note quotes stderr lines of any length
         if outcome.kind is Kind.RAISED and outcome.blob:
-            return TaskReply(action="raise", task_name=name, note=task.note), outcome.blob
-        return TaskReply(action="fail", task_name=name, note=task.note), b""
+            return TaskReply(action="raise", task_name=name, note=note), outcome.blob
+        return TaskReply(action="fail", task_name=name, note=note), b""
 
     # --- end of the flow --------------------------------------------------
 

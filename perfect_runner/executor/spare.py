@@ -48,8 +48,8 @@ class WarmSpare:
         except LaunchError as exc:
             log.debug("spare task process did not start: %s", exc)
             return None
-        self.loop.poll(0)  # hear of its exit, if it died while waiting
-        if not child.running:
+        self.loop.poll(0)  # hear of its exit, if it died (or broke the protocol) waiting
+        if child.over:
             child.stop()
             return None
         return child

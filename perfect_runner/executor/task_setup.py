@@ -12,8 +12,6 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-import psutil
-
 from ..isolation.child_bootstrap import ProcessSetup
 from ..isolation.supervisor import TaskLimits
 from .options import RunOptions
@@ -33,11 +31,10 @@ def task_limits(meta: dict[str, Any], options: RunOptions) -> TaskLimits:
 def process_setup(options: RunOptions, limits: TaskLimits | None = None,
                   cwd: str | None = None) -> dict[str, Any]:
     """The ProcessSetup a flow or task process applies to itself before user code."""
+    # No RLIMIT_NPROC for --max-procs: it counts the threads of every process of the
+    # user (so a 500-thread task fails), root ignores it, and concurrent runs share
+    # it. The supervisor counts the processes of the task's own tree instead.
     rlimits = dict(options.rlimits)
-    if limits and limits.max_procs:
-        # RLIMIT_NPROC counts every process of the user, not just this tree (the
-        # supervisor counts the tree); it stops a fork bomb faster than sampling can.
-        rlimits["nproc"] = limits.max_procs + len(psutil.pids())
     if limits and options.hard_memory_cap and limits.memory_limit:
         rlimits["as"] = limits.memory_limit
     return ProcessSetup(env=options.child_env, cwd=cwd or options.task_cwd, rlimits=rlimits,

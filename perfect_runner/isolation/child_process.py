@@ -1,8 +1,13 @@
 """The control process's view of one running child (flow or task process).
 
 It owns the parent ends of the child's pipes and channel, turns output bytes
-into lines and channel bytes into messages, and learns of the exit from the
-pidfd. It never unpickles anything: blobs are kept as bytes.
+into lines and channel bytes into checked messages, and learns of the exit
+from the pidfd. It never unpickles anything: blobs are kept as bytes.
+
+A child that breaks the protocol (see `protocol`: a frame that fails its
+checks, comes out of turn or is too big) is done at once: its channel is
+closed, unread, and its tree is killed, so a child blocked writing to us
+cannot hang the run; `protocol_error` says what it did.
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from .launcher import ExitInfo, Launcher, LaunchError, PendingChild
 from .lines import DEFAULT_MAX_LINE, LineSplitter
 from .oskit import close_quietly
 from .proctree import group_members, kill_tree, wait_gone
-from .protocol import DEFAULT_MAX_BLOB, FrameReader, Message, ProtocolError, encode_frame
+from .protocol import (
+    DEFAULT_MAX_BLOB,
+    Conversation,
+    FrameReader,
+    Message,
+    ProtocolError,
+    encode_frame,
+    frame_head,
+)
 from .selector_loop import SelectorLoop
 from .tracebacks import is_dump_line
 
@@ -45,11 +58,14 @@ class ChildProcess:
         self.protocol_error = ""
         self.exit: ExitInfo | None = None
         self.stderr_tail: deque[str] = deque(maxlen=stderr_tail)
-        self._reader = FrameReader(max_blob)
+        self._reader = FrameReader(max_blob, sender=config.role)
+        self.conversation = Conversation(config.role)
         self._splitters = {"stdout": LineSplitter(max_line), "stderr": LineSplitter(max_line)}
         self._max_blob = max_blob
         self._killed: set[int] = set()  # descendants we SIGKILLed, awaited in `stop`
         self._greeting = encode_frame(*first_frame, max_blob) if first_frame else b""
+        if first_frame:
+            self.conversation.sent(first_frame[0])
         self._pending: PendingChild | None = self._spawn(launcher, config)
         if not deferred:
             self.ready()
@@ -111,12 +127,16 @@ class ChildProcess:
 
     def send(self, message: Message, blob: bytes = b"") -> bool:
         """Send a frame; False when the child is already gone."""
-        return self._send_raw(encode_frame(message, blob, self._max_blob))
+        self.conversation.sent(message)
+        if self.chan.fileno() < 0:
+            return False  # closed: it broke the protocol
+        return self._send_raw(frame_head(message, len(blob), self._max_blob), blob)
 
-    def _send_raw(self, data: bytes) -> bool:
+    def _send_raw(self, *parts: bytes) -> bool:
         try:
             self.chan.setblocking(True)
-            self.chan.sendall(data)
+            for part in parts:
+                self.chan.sendall(part)
             return True
         except OSError:
             return False
@@ -126,6 +146,11 @@ class ChildProcess:
     @property
     def running(self) -> bool:
         return self.exit is None
+
+    @property
+    def over(self) -> bool:
+        """Gone, or broke the protocol (then it is being killed): nothing more to hear."""
+        return self.exit is not None or bool(self.protocol_error)
 
     def _read_output(self, stream: str) -> bool:
         fd = self._fds[stream]
@@ -159,11 +184,20 @@ class ChildProcess:
         if not data:
             return False
         try:
-            self.frames.extend(self._reader.feed(data))
+            for message, blob in self._reader.feed(data):
+                self.conversation.received(message)
+                self.frames.append((message, blob))
         except ProtocolError as exc:
-            self.protocol_error = str(exc)
+            self._broke(str(exc))
             return False
         return True
+
+    def _broke(self, what: str) -> None:
+        # Stop listening and kill now: a child that lies once is not read further.
+        self.protocol_error = what
+        self.kill_tree()
+        self.loop.remove(self.chan)
+        self.chan.close()
 
     def _on_exit(self) -> bool:
         # Once the outcome is settled (pipes closed) the status is not needed: do not

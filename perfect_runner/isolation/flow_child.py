@@ -16,33 +16,41 @@ from typing import Any
 from ..sdk import runtime
 from ..sdk.errors import TaskFailed
 from ..sdk.registry import TaskDefinition, get_registry
+from ..sdk.units import format_limit, format_size, is_decimal
 from .child_bootstrap import apply_setup
 from .protocol import (
+    NAME_MAX,
+    NOTE_MAX,
+    TRACEBACK_MAX,
     CallTask,
     FlowFinished,
     FlowRaised,
     StartFlow,
     TaskReply,
+    clip,
     recv_message,
     send_message,
 )
+from .task_child import safe_str
 from .tracebacks import format_exception
 
 
 class FlowRuntime:
     """Installed while the flow body runs: each task call goes to the control process."""
 
-    def __init__(self, chan: socket.socket) -> None:
+    def __init__(self, chan: socket.socket, max_result: int) -> None:
         self._chan = chan
-        # Task calls from several threads of a flow body run one at a time.
-        self._lock = threading.Lock()
+        self._max_result = max_result
+        # Task calls from several threads of a flow body run one at a time, and the
+        # final frame waits for a call in flight (the protocol forbids anything else).
+        self.lock = threading.Lock()
 
     def call_task(self, task: TaskDefinition, args: tuple, kwargs: dict) -> Any:
-        with self._lock:
+        with self.lock:
             sys.stdout.flush()
             sys.stderr.flush()
             self._send_call(task, args, kwargs)
-            reply, blob = recv_message(self._chan)
+            reply, blob = recv_message(self._chan, sender="control")
         if not isinstance(reply, TaskReply):
             raise TypeError(f"expected task_reply, got {reply.TYPE}")
         return _evaluate(reply, blob)
@@ -55,11 +63,19 @@ class FlowRuntime:
             blob = pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - name the argument type, not pickle internals
             bad = _unpicklable_part(args, kwargs)
-            note = (f"arguments of task {task.name!r} could not be pickled: "
-                    f"{bad} ({type(exc).__name__}: {exc})")
-            send_message(self._chan, CallTask(key=task.key, name=task.name, args_error=note))
+            self._send_refusal(task, f"arguments of task {task.name!r} could not be pickled: "
+                               f"{bad} ({type(exc).__name__}: {exc})")
             return
-        send_message(self._chan, CallTask(key=task.key, name=task.name), blob)
+        if len(blob) > self._max_result:
+            size = format_size(len(blob), is_decimal(self._max_result))
+            self._send_refusal(task, f"arguments of task {task.name!r} are {size}, "
+                               f"over the result size cap of {format_limit(self._max_result)}")
+            return
+        send_message(self._chan, CallTask(key=task.key, name=task.name), blob, self._max_result)
+
+    def _send_refusal(self, task: TaskDefinition, note: str) -> None:
+        send_message(self._chan, CallTask(key=task.key, name=task.name,
+                                          args_error=clip(note, NOTE_MAX)))
 
 
 def _evaluate(reply: TaskReply, blob: bytes) -> Any:
@@ -87,23 +103,27 @@ def _unpicklable_part(args: tuple, kwargs: dict) -> str:
 
 
 def run_flow(chan: socket.socket) -> int:
-    start, _ = recv_message(chan)
+    start, _ = recv_message(chan, sender="control")
     if not isinstance(start, StartFlow):
         raise TypeError(f"expected start_flow, got {start.TYPE}")
     apply_setup(start.setup)
     definition = get_registry().flows[start.flow_name]
-    runtime.install(FlowRuntime(chan))
+    flow_runtime = FlowRuntime(chan, start.max_result)
+    runtime.install(flow_runtime)
     try:
         definition.func()
     except BaseException as exc:  # noqa: BLE001 - the flow body's failure is reported, not raised
         outcome: FlowFinished | FlowRaised = FlowRaised(
-            exc_type=type(exc).__name__, message=str(exc)[:4000],
-            traceback=format_exception(exc, bool(start.setup.get("full_tracebacks"))))
+            exc_type=clip(type(exc).__name__, NAME_MAX), message=clip(safe_str(exc), 4000),
+            traceback=format_exception(
+                exc, bool(start.setup.get("full_tracebacks")))[-TRACEBACK_MAX:])
     else:
         outcome = FlowFinished()
     finally:
         runtime.install(None)
     sys.stdout.flush()
     sys.stderr.flush()
-    send_message(chan, outcome)
+    with flow_runtime.lock:
+        send_message(chan, outcome)
     return 0
+

@@ -20,9 +20,8 @@ The header is a JSON object with a ``"type"`` key naming one of the message
 classes below; the other keys are that class's fields. The blob carries pickled
 bytes (task arguments, a return value, an exception). The control process
 reads headers only: it never unpickles a blob, it hands blobs on unchanged.
-Headers are capped at `MAX_HEADER` bytes; blobs at the result cap the control
-process sets (default 64 MiB). `encode_frame` refuses oversized frames and the
-reader rejects them before buffering them.
+`encode_frame` refuses oversized frames (see Sizes) and the reader rejects them
+before buffering them.
 
 Who speaks when
 ---------------
@@ -50,7 +49,32 @@ Flow channel::
     flow -> control   FlowFinished | FlowRaised                      then exit 0
 
 The flow process sends a CallTask only after it got the reply to the previous
-one (flow bodies call tasks one at a time).
+one (flow bodies call tasks one at a time), and its final frame only when no
+call is waiting for its reply.
+
+Validation
+----------
+A child is untrusted: its frames are data to check, never to act on as they
+come. `decode_header` checks every header against its class's `SCHEMA`
+(declared next to the class: the type, range and size of every field; no
+missing or unknown keys; strict JSON, so no NaN or Infinity) and against the
+role of the sender (`TASK_SENDS`, `FLOW_SENDS`); `Conversation` checks the
+turn-taking above (nothing before the first frame went out, nothing after a
+final frame, no second CallTask before its reply). Any of that, or an
+oversized or garbled frame, is a `ProtocolError`: the control process kills
+the child's tree at once, closes the channel unread and fails the attempt with
+"broke the runner protocol: <what>" (a flow process's: the run). A frame cut
+short by the child's exit is not an error of its own: the exit says more.
+
+Sizes
+-----
+Blobs are capped at the result cap the user set (`--max-result-size`, default
+64 MiB, at most `MAX_BLOB`: the length prefix is 32 bits), on every hop: the
+sending child checks it and reports a value that is too big with its size and
+the cap; the control process refuses a bigger frame from the prefix alone.
+Children read the control process's frames up to `MAX_BLOB` (it enforced the
+cap on the way in). Headers are capped at `MAX_HEADER`: a child whose result
+summary (note and table) does not fit sends TaskUnsendable saying so.
 """
 
 from __future__ import annotations
@@ -59,12 +83,20 @@ import json
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
+
+from .schema import Check, Choice, Flag, Integer, JsonObject, Number, Table, Text, describe
 
 PREFIX = struct.Struct(">II")
 MAX_HEADER = 4 * 1024 * 1024
+MAX_BLOB = (1 << 32) - 1  # what a 32-bit length can say
 DEFAULT_MAX_BLOB = 64 * 1024 * 1024
+
+NAME_MAX = 64 * 1024  # flow and task names and keys, type names (characters)
+NOTE_MAX = 32 * 1024  # notes and exception messages
+TRACEBACK_MAX = 20_000
+BYTES = Integer(0, (1 << 63) - 1)
 
 
 class ProtocolError(Exception):
@@ -80,6 +112,8 @@ class Message:
     """Base of every message; `type` names the subclass on the wire."""
 
     TYPE: ClassVar[str] = ""
+    SCHEMA: ClassVar[dict[str, Check]] = {}  # field -> check, every field listed
+    FINAL: ClassVar[bool] = False  # the sender's last frame
     registry: ClassVar[dict[str, type[Message]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -99,6 +133,10 @@ class RunTask(Message):
     """Run the task `key`; the blob holds pickled (args, kwargs)."""
 
     TYPE: ClassVar[str] = "run_task"
+    SCHEMA: ClassVar[dict[str, Check]] = {
+        "key": Text(NAME_MAX), "name": Text(NAME_MAX), "index": Integer(0, 1 << 31),
+        "attempt": Integer(1, 1 << 31), "max_result": Integer(0, MAX_BLOB),
+        "setup": JsonObject()}
     key: str
     name: str
     index: int
@@ -112,6 +150,7 @@ class Progress(Message):
     """The task's own progress figure, 0..100 (from report_progress)."""
 
     TYPE: ClassVar[str] = "progress"
+    SCHEMA: ClassVar[dict[str, Check]] = {"percent": Number(0, 100)}
     percent: float
 
 
@@ -120,11 +159,15 @@ class TaskReturned(Message):
     """The task returned; the blob is the pickled value, the rest a JSON summary."""
 
     TYPE: ClassVar[str] = "task_returned"
+    SCHEMA: ClassVar[dict[str, Check]] = {
+        "result_type": Text(NAME_MAX), "is_task_result": Flag(), "passed": Flag(),
+        "note": Text(NOTE_MAX), "table": Table(), "peak_rss": BYTES}
+    FINAL: ClassVar[bool] = True
     result_type: str
     is_task_result: bool = False
     passed: bool = True
     note: str = ""
-    table: list[Any] = field(default_factory=list)
+    table: list[Any] = field(default_factory=list)  # rows: JSON objects
     peak_rss: int = 0  # bytes, the task process and its reaped children
 
 
@@ -133,6 +176,10 @@ class TaskRaised(Message):
     """The task raised; the blob is the pickled exception (tblib), may be empty."""
 
     TYPE: ClassVar[str] = "task_raised"
+    SCHEMA: ClassVar[dict[str, Check]] = {
+        "exc_type": Text(NAME_MAX), "message": Text(NOTE_MAX),
+        "traceback": Text(TRACEBACK_MAX), "peak_rss": BYTES}
+    FINAL: ClassVar[bool] = True
     exc_type: str
     message: str
     traceback: str
@@ -144,6 +191,8 @@ class TaskUnsendable(Message):
     """The task finished but its arguments or result could not cross the boundary."""
 
     TYPE: ClassVar[str] = "task_unsendable"
+    SCHEMA: ClassVar[dict[str, Check]] = {"note": Text(NOTE_MAX), "peak_rss": BYTES}
+    FINAL: ClassVar[bool] = True
     note: str
     peak_rss: int = 0
 
@@ -153,11 +202,15 @@ class TaskUnsendable(Message):
 
 @dataclass
 class StartFlow(Message):
-    """Run the flow body of `flow_name`."""
+    """Run the flow body of `flow_name`; task arguments may pickle to `max_result` bytes."""
 
     TYPE: ClassVar[str] = "start_flow"
+    SCHEMA: ClassVar[dict[str, Check]] = {
+        "flow_name": Text(NAME_MAX), "run_id": Text(NAME_MAX),
+        "max_result": Integer(0, MAX_BLOB), "setup": JsonObject()}
     flow_name: str
     run_id: str
+    max_result: int = DEFAULT_MAX_BLOB
     setup: dict[str, Any] = field(default_factory=dict)  # see child_bootstrap.ProcessSetup
 
 
@@ -165,10 +218,12 @@ class StartFlow(Message):
 class CallTask(Message):
     """The flow body called task `key`; the blob holds pickled (args, kwargs).
 
-    `args_error` is set instead of a blob when the arguments could not be pickled.
+    `args_error` is set instead of a blob when the arguments could not be sent.
     """
 
     TYPE: ClassVar[str] = "call_task"
+    SCHEMA: ClassVar[dict[str, Check]] = {
+        "key": Text(NAME_MAX), "name": Text(NAME_MAX), "args_error": Text(NOTE_MAX)}
     key: str
     name: str
     args_error: str = ""
@@ -183,6 +238,9 @@ class TaskReply(Message):
     """
 
     TYPE: ClassVar[str] = "task_reply"
+    SCHEMA: ClassVar[dict[str, Check]] = {
+        "action": Choice(("return", "return_none", "raise", "fail")),
+        "task_name": Text(NAME_MAX), "note": Text(NOTE_MAX)}
     action: str
     task_name: str
     note: str = ""
@@ -193,6 +251,7 @@ class FlowFinished(Message):
     """The flow body returned."""
 
     TYPE: ClassVar[str] = "flow_finished"
+    FINAL: ClassVar[bool] = True
 
 
 @dataclass
@@ -200,41 +259,136 @@ class FlowRaised(Message):
     """The flow body raised (possibly a crucial task's failure passing through)."""
 
     TYPE: ClassVar[str] = "flow_raised"
+    SCHEMA: ClassVar[dict[str, Check]] = {
+        "exc_type": Text(NAME_MAX), "message": Text(NOTE_MAX), "traceback": Text(TRACEBACK_MAX)}
+    FINAL: ClassVar[bool] = True
     exc_type: str
     message: str
     traceback: str
+
+
+# --- who may send what --------------------------------------------------------
+
+TASK_SENDS = frozenset({Progress, TaskReturned, TaskRaised, TaskUnsendable})
+FLOW_SENDS = frozenset({CallTask, FlowFinished, FlowRaised})
+SENDS = {"task": TASK_SENDS, "flow": FLOW_SENDS,
+         "control": frozenset({RunTask, StartFlow, TaskReply})}
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to fit a field of `limit` characters (child side: never send too much)."""
+    marker = " ... [cut]"
+    return text if len(text) <= limit else text[:limit - len(marker)] + marker
+
+
+class Conversation:
+    """The turn-taking of one channel, as the control process sees it (see the spec).
+
+    `sent` records our frames; `received` raises ProtocolError for a child's frame
+    that comes out of turn.
+    """
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.started = False  # our first frame (RunTask / StartFlow) went out
+        self.awaiting_reply = False  # the flow's CallTask has no TaskReply yet
+        self.finished = False  # the child's final frame came in
+
+    def sent(self, message: Message) -> None:
+        if isinstance(message, RunTask | StartFlow):
+            self.started = True
+        elif isinstance(message, TaskReply):
+            self.awaiting_reply = False
+
+    def received(self, message: Message) -> None:
+        if self.finished:
+            raise ProtocolError(f"{message.TYPE} frame after its final frame")
+        if not self.started:
+            raise ProtocolError(f"{message.TYPE} frame before it was given its work")
+        if self.awaiting_reply:
+            raise ProtocolError(f"{message.TYPE} frame while its task call awaits its reply")
+        self.awaiting_reply = isinstance(message, CallTask)
+        self.finished = message.FINAL
 
 
 # --- framing ------------------------------------------------------------------
 
 
 def encode_frame(message: Message, blob: bytes = b"", max_blob: int = DEFAULT_MAX_BLOB) -> bytes:
-    header = json.dumps(message.header(), separators=(",", ":")).encode()
+    return frame_head(message, len(blob), max_blob) + blob
+
+
+def frame_head(message: Message, blob_len: int, max_blob: int = DEFAULT_MAX_BLOB) -> bytes:
+    """Prefix and header of a frame; sent before the blob, a big blob is never copied."""
+    header = encode_header(message)
     if len(header) > MAX_HEADER:
         raise ProtocolError(f"{message.TYPE} header of {len(header)} bytes exceeds {MAX_HEADER}")
-    if len(blob) > max_blob:
-        raise ProtocolError(f"{message.TYPE} payload of {len(blob)} bytes exceeds {max_blob}")
-    return PREFIX.pack(len(header), len(blob)) + header + blob
+    if blob_len > max_blob:
+        raise ProtocolError(f"{message.TYPE} payload of {blob_len} bytes exceeds {max_blob}")
+    return PREFIX.pack(len(header), blob_len) + header
 
 
-def decode_header(raw: bytes) -> Message:
+def encode_header(message: Message) -> bytes:
+    return json.dumps(message.header(), separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_header(raw: bytes, sender: str | None = None) -> Message:
+    """The message in a header, checked against its schema and the `sender`'s role."""
+    data = _parse_json(raw)
+    name = data.pop("type", None)
+    cls = Message.registry.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown frame type {describe(name)}")
+    if sender is not None and cls not in SENDS[sender]:
+        raise ProtocolError(f"a {sender} process may not send {cls.TYPE} frames")
+    _check_fields(cls, data)
+    return cls(**data)
+
+
+def _parse_json(raw: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(raw)
-        cls = Message.registry[data.pop("type")]
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ProtocolError(f"malformed frame header: {exc!r}") from None
+        data = json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"malformed frame header: {_first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"malformed frame header: {describe(data)}, not a JSON object")
+    return data
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_fields(cls: type[Message], data: dict[str, Any]) -> None:
+    unknown = sorted(set(data) - set(cls.SCHEMA))
+    if unknown:
+        raise ProtocolError(f"{cls.TYPE} frame has unknown keys: {describe(unknown, 80)}")
+    missing = [f.name for f in _required(cls) if f.name not in data]
+    if missing:
+        raise ProtocolError(f"{cls.TYPE} frame lacks {', '.join(missing)}")
+    for key, value in data.items():
+        if (wanted := cls.SCHEMA[key].problem(value)) is not None:
+            raise ProtocolError(f"{cls.TYPE}.{key} must be {wanted}, got {describe(value)}")
+
+
+def _required(cls: type[Message]) -> list[Any]:
+    return [f for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
 class FrameReader:
-    """Incremental parser: feed it bytes as they arrive, take whole frames out.
+    """Incremental parser: feed it bytes as they arrive, take whole, checked frames out.
 
     Used by the control process on non-blocking sockets; needs no process to test.
+    `sender` is the role whose frames these are ("task" or "flow"): see `SENDS`.
     """
 
-    def __init__(self, max_blob: int = DEFAULT_MAX_BLOB) -> None:
+    def __init__(self, max_blob: int = DEFAULT_MAX_BLOB, sender: str | None = None) -> None:
         self.max_blob = max_blob
+        self.sender = sender
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> Iterator[tuple[Message, bytes]]:
@@ -245,10 +399,11 @@ class FrameReader:
             end = PREFIX.size + header_len + blob_len
             if len(self._buffer) < end:
                 return
-            header = bytes(self._buffer[PREFIX.size : PREFIX.size + header_len])
-            blob = bytes(self._buffer[PREFIX.size + header_len : end])
+            with memoryview(self._buffer) as view:  # one copy of a big blob, not two
+                header = bytes(view[PREFIX.size : PREFIX.size + header_len])
+                blob = bytes(view[PREFIX.size + header_len : end])
             del self._buffer[:end]
-            yield decode_header(header), blob
+            yield decode_header(header, self.sender), blob
 
     def pending(self) -> int:
         """Bytes of an unfinished frame (non-zero at EOF means a truncated frame)."""
@@ -266,13 +421,15 @@ def send_message(sock: socket.socket, message: Message, blob: bytes = b"",
     sock.sendall(encode_frame(message, blob, max_blob))
 
 
-def recv_message(sock: socket.socket, max_blob: int = DEFAULT_MAX_BLOB) -> tuple[Message, bytes]:
-    """Blocking read of one frame (child side)."""
+def recv_message(sock: socket.socket, max_blob: int = MAX_BLOB,
+                 sender: str | None = None) -> tuple[Message, bytes]:
+    """Blocking read of one frame (child side: from the control process, which
+    enforced the result cap already)."""
     header_len, blob_len = PREFIX.unpack(_recv_exact(sock, PREFIX.size, "frame prefix"))
     FrameReader(max_blob)._check_sizes(header_len, blob_len)
     header = _recv_exact(sock, header_len, "frame header")
     blob = _recv_exact(sock, blob_len, "frame payload")
-    return decode_header(header), blob
+    return decode_header(header, sender), blob
 
 
 def _recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
@@ -283,3 +440,14 @@ def _recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
             raise ChannelClosed(f"channel closed after {len(chunks)} of {size} bytes of {what}")
         chunks += chunk
     return bytes(chunks)
+
+
+def _check_schemas() -> None:
+    # A field without a check would be trusted unseen: refuse to import instead.
+    for cls in Message.registry.values():
+        names = {f.name for f in fields(cls)}
+        if names != set(cls.SCHEMA):
+            raise TypeError(f"{cls.__name__}.SCHEMA must list {sorted(names)}")
+
+
+_check_schemas()

@@ -15,9 +15,10 @@ runner's frames trimmed) and become the outcome's `stack_dump`.
 Signals the supervisor sent are recorded, so a kill it caused is never reported
 as a crash.
 
-An attempt is over at the child's final frame, or at its exit without one. At
-the final frame the supervisor kills what is left of the tree at once and hands
-the process back as `leftover`: its exit (slow for a big process) is awaited
+An attempt is over at the child's final frame, at its exit without one, or
+the moment it breaks the protocol (its tree is killed then). At the final
+frame the supervisor kills what is left of the tree at once and hands the
+process back as `leftover`: its exit (slow for a big process) is awaited
 later, off the task call's critical path.
 """
 
@@ -80,7 +81,7 @@ def start_task_process(launcher: Launcher, loop: SelectorLoop, on_output: Output
                        deferred: bool = False) -> ChildProcess:
     """A task process; without `first_frame` it waits, bootstrapped, for its RunTask."""
     return ChildProcess(launcher, ChildConfig(role="task", parent_pid=0), loop, on_output,
-                        max_blob=max_result + 1024 * 1024, first_frame=first_frame,
+                        max_blob=max_result, first_frame=first_frame,
                         deferred=deferred)
 
 
@@ -144,6 +145,7 @@ class TaskSupervisor:
             # descendants' take a while: the caller awaits them (`leftover.stop()`)
             # later, off the critical path.
             child.close_io()
+            child.frames.clear()  # the outcome has the blob; a retired process keeps none
             self.leftover = child
 
     def _watch(self, child: ChildProcess) -> None:
@@ -153,11 +155,12 @@ class TaskSupervisor:
             self.deadlines.sample = start + self.limits.memory_sample_interval
         if self.limits.timeout is not None:
             self.deadlines.timeout = start + self.limits.timeout
-        # Until it exits, or sends its final frame (then it is done, whatever follows).
-        while child.running and not child.frames:
+        # Until it exits, breaks the protocol, or sends its final frame (then it is
+        # done, whatever follows).
+        while not child.over and not child.frames:
             self.loop.poll(self.deadlines.next_wake(time.monotonic()))
             self._take_frames(child)
-            if child.running and not child.frames:
+            if not child.over and not child.frames:
                 self._act(child, time.monotonic())
 
     def _act(self, child: ChildProcess, now: float) -> None:

@@ -25,18 +25,25 @@ from ..sdk.result import TaskResult
 from ..sdk.units import format_limit, format_size, is_decimal
 from .child_bootstrap import SOFT_STOP_SIGNAL, apply_setup
 from .protocol import (
+    MAX_HEADER,
+    NAME_MAX,
+    NOTE_MAX,
+    TRACEBACK_MAX,
     Message,
     Progress,
     RunTask,
     TaskRaised,
     TaskReturned,
     TaskUnsendable,
+    clip,
+    encode_frame,
+    encode_header,
     recv_message,
     send_message,
 )
 from .tracebacks import format_exception
 
-NOTE_LIMIT = 4000
+NOTE_LIMIT = 4000  # a TaskResult's note, as the backend shows it
 
 
 class TaskRuntime:
@@ -46,6 +53,7 @@ class TaskRuntime:
         self._chan = chan
         self._lock = lock
         self._last = -1
+        self.closed = False  # the final frame went: a late ping would break the protocol
 
     def call_task(self, task: TaskDefinition, args: tuple, kwargs: dict) -> Any:
         # A task calling another task runs it inline: it is already isolated.
@@ -57,7 +65,8 @@ class TaskRuntime:
             return
         self._last = value
         with self._lock:
-            send_message(self._chan, Progress(percent=value))
+            if not self.closed:
+                send_message(self._chan, Progress(percent=value))
 
 
 def _soft_stop(signum: int, frame: object) -> None:
@@ -66,18 +75,43 @@ def _soft_stop(signum: int, frame: object) -> None:
 
 def run_task(chan: socket.socket) -> int:
     signal.signal(SOFT_STOP_SIGNAL, _soft_stop)
-    request, blob = recv_message(chan)
+    request, blob = recv_message(chan, sender="control")
     if not isinstance(request, RunTask):
         raise TypeError(f"expected run_task, got {request.TYPE}")
     apply_setup(request.setup)
     lock = threading.Lock()
-    reply, reply_blob = _execute(request, blob, TaskRuntime(chan, lock))
+    task_runtime = TaskRuntime(chan, lock)
+    reply, reply_blob = _execute(request, blob, task_runtime)
     sys.stdout.flush()
     sys.stderr.flush()
     reply.peak_rss = _peak_rss()
+    frame = final_frame(request, reply, reply_blob)
     with lock:
-        send_message(chan, reply, reply_blob, max_blob=request.max_result)
+        chan.sendall(frame)
+        task_runtime.closed = True
     return 0
+
+
+def final_frame(request: RunTask, reply: Message, blob: bytes) -> bytes:
+    """The frame for `reply`, or for what stands in for it when it is too big to send."""
+    if len(blob) > request.max_result and isinstance(reply, TaskRaised):
+        blob = b""  # the flow process gets the exception's text instead
+    try:
+        size = len(encode_header(reply))
+    except ValueError as exc:  # an int too long for JSON, say
+        return _unsendable(reply, f"result of task {request.name!r}: its note and table "
+                           f"cannot be sent as JSON ({exc})", request.max_result)
+    if size > MAX_HEADER:
+        return _unsendable(reply, f"result of task {request.name!r}: its note and table take "
+                           f"{format_size(size)} as JSON, over the cap of "
+                           f"{format_size(MAX_HEADER)} for a "
+                           "result summary; return fewer or smaller rows", request.max_result)
+    return encode_frame(reply, blob, request.max_result)
+
+
+def _unsendable(reply: Message, note: str, max_result: int) -> bytes:
+    stand_in = TaskUnsendable(note=clip(note, NOTE_MAX), peak_rss=getattr(reply, "peak_rss", 0))
+    return encode_frame(stand_in, b"", max_result)
 
 
 def _peak_rss() -> int:
@@ -89,13 +123,15 @@ def _peak_rss() -> int:
 def _execute(request: RunTask, blob: bytes, task_runtime: TaskRuntime) -> tuple[Message, bytes]:
     definition = get_registry().tasks.get(request.key)
     if definition is None:
-        return TaskUnsendable(note=f"task {request.name!r} is not defined at import time of "
-                              "its module; define tasks at module top level"), b""
+        return TaskUnsendable(note=clip(f"task {request.name!r} is not defined at import time "
+                                        "of its module; define tasks at module top level",
+                                        NOTE_MAX)), b""
     try:
         args, kwargs = pickle.loads(blob)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported
-        return TaskUnsendable(note=f"arguments of task {request.name!r} could not be "
-                              f"unpickled: {type(exc).__name__}: {exc}"), b""
+        return TaskUnsendable(note=clip(f"arguments of task {request.name!r} could not be "
+                                        f"unpickled: {type(exc).__name__}: {exc}",
+                                        NOTE_MAX)), b""
     runtime.install(task_runtime)
     try:
         value = definition.func(*args, **kwargs)
@@ -110,12 +146,14 @@ def _returned(request: RunTask, value: Any) -> tuple[Message, bytes]:
     try:
         blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # noqa: BLE001 - name the type, not pickle's internals
-        return TaskUnsendable(note=f"result of task {request.name!r} could not be pickled: "
-                              f"{type(value).__name__} ({type(exc).__name__}: {exc})"), b""
+        return TaskUnsendable(note=clip(f"result of task {request.name!r} could not be pickled: "
+                                        f"{type(value).__name__} ({type(exc).__name__}: {exc})",
+                                        NOTE_MAX)), b""
     if len(blob) > request.max_result:
         size = format_size(len(blob), is_decimal(request.max_result))
-        return TaskUnsendable(note=f"result of task {request.name!r} is {size}, over the "
-                              f"result size cap of {format_limit(request.max_result)}"), b""
+        return TaskUnsendable(note=clip(f"result of task {request.name!r} is {size}, over the "
+                                        f"result size cap of {format_limit(request.max_result)}",
+                                        NOTE_MAX)), b""
     return summarize(value), blob
 
 
@@ -123,17 +161,20 @@ def summarize(value: Any) -> TaskReturned:
     """The JSON summary the control process reports from (never the object itself)."""
     if isinstance(value, TaskResult):
         table = json_safe(value.table)
+        rows = table if isinstance(table, list) else [table]
         return TaskReturned(
             result_type="TaskResult", is_task_result=True, passed=bool(value.passed),
             note=str(json_safe(value.note))[:NOTE_LIMIT],
-            table=table if isinstance(table, list) else [table],
+            # The protocol carries rows as JSON objects; a bare value is shown as one.
+            table=[row if isinstance(row, dict) else {"value": row} for row in rows],
         )
-    return TaskReturned(result_type=type(value).__name__)
+    return TaskReturned(result_type=clip(type(value).__name__, NAME_MAX))
 
 
 def _raised(exc: BaseException, full: bool) -> tuple[Message, bytes]:
-    message = TaskRaised(exc_type=type(exc).__name__, message=_safe_str(exc)[:NOTE_LIMIT],
-                         traceback=format_exception(exc, full))
+    message = TaskRaised(exc_type=clip(type(exc).__name__, NAME_MAX),
+                         message=safe_str(exc)[:NOTE_LIMIT],
+                         traceback=format_exception(exc, full)[-TRACEBACK_MAX:])
     try:
         pickling_support.install(exc)
         blob = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
@@ -143,7 +184,7 @@ def _raised(exc: BaseException, full: bool) -> tuple[Message, bytes]:
     return message, blob
 
 
-def _safe_str(exc: BaseException) -> str:
+def safe_str(exc: BaseException) -> str:
     try:
         return str(exc)
     except Exception:  # noqa: BLE001
