@@ -12,6 +12,7 @@ from .executor.engine import FlowExecutor
 from .isolation.launcher import LaunchError
 from .isolation.oskit import make_undumpable
 from .local.interrupt import exit_code
+from .textsafe import CleanFormatter, clean_text
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -36,8 +37,9 @@ def _main(argv: list[str] | None) -> int:
         # Our /proc/<pid>/environ and memory then belong to root: a task running as our
         # user cannot read the token from its ancestor.
         make_undumpable()
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(CleanFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     try:
         executor = FlowExecutor(args.flows, args.start_method, options, env=child_env)
     except LaunchError as exc:
@@ -91,5 +93,6 @@ def _warn_about_setup(args, options) -> None:
 
 
 def _usage(message: str) -> int:
-    print(f"perfect-runner: error: {message}", file=sys.stderr)
+    # The message may quote user code (an import error, a flow name): one clean line.
+    print(f"perfect-runner: error: {clean_text(message)}", file=sys.stderr)
     return EXIT_USAGE

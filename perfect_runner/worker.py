@@ -27,6 +27,7 @@ from .executor.flow_run import FlowRun
 from .executor.records import RunRecord, TaskRecord
 from .isolation.outcome import Kind
 from .local.logfile import LogFileListener
+from .textsafe import clean_text
 from .transport.api import ApiError, BadRequest, ExecutionRequest, PerfectAPIClient
 from .transport.backend_listener import BackendListener
 from .transport.heartbeat import Heartbeat
@@ -274,7 +275,7 @@ def _run_named(worker: Worker, names: list[str]) -> int:
         flow_id = worker.register_all([name]).get(name)
         run_id = worker.client.create_run(flow_id) if flow_id else None
         if not run_id:
-            print(f"perfect-runner: the backend did not create a run of {name!r}",
+            print(f"perfect-runner: the backend did not create a run of {clean_text(name)!r}",
                   file=sys.stderr)
             ok = False
             continue
@@ -282,7 +283,8 @@ def _run_named(worker: Worker, names: list[str]) -> int:
         worker.backend.close(5.0)
         report = worker.client.get_report(run_id) or {}
         url = f"{worker.args.server.rstrip('/')}{report['url']}" if report.get("url") else "-"
-        print(f"{name}: run {run_id} {record.state}  report: {url}")
+        print(f"{clean_text(name)}: run {clean_text(run_id)} {record.state}  report: "
+              f"{clean_text(url)}")
         ok = ok and record.state == "COMPLETED"
     return 0 if ok else 1
 

@@ -14,7 +14,8 @@ from perfect_runner.executor.records import RunRecord, TaskRecord
 from perfect_runner.jsonsafe import json_safe
 from perfect_runner.local.logfile import LogFileListener
 from perfect_runner.local.report_html import render_html, write_reports
-from perfect_runner.local.terminal_view import TerminalView, clean_text
+from perfect_runner.local.terminal_view import TerminalView
+from perfect_runner.textsafe import clean_text
 
 HOSTILE = '<script>alert("x")</script>\x1b[2J\x1b]0;pwned\x07&'
 TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d"

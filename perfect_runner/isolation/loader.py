@@ -8,6 +8,7 @@ process never imports user code. It learns what the modules define from
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -19,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ..sdk.errors import DefinitionError
 from ..sdk.registry import FlowDefinition, TaskDefinition, WorkflowRegistry, get_registry
 from .tracebacks import is_runner_file
 
@@ -28,29 +30,62 @@ class ModuleLoadError(Exception):
 
 
 def load_modules(specs: list[str]) -> list[ModuleType]:
-    """Import each spec: a dotted module name or a path to a .py file."""
-    return [_load_one(spec) for spec in specs]
+    """Import each spec: a dotted module name or a path to a .py file.
+
+    Every process that loads the flows (the fork server, a spawned child) calls
+    this with the same specs in the same order, so each module gets the same
+    name, and each task the same key, everywhere.
+    """
+    names = _PathNames()
+    return [_load_one(spec, names) for spec in specs]
 
 
-def _load_one(spec: str) -> ModuleType:
+def _load_one(spec: str, names: _PathNames) -> ModuleType:
     try:
         if spec.endswith(".py") or os.sep in spec:
-            return _load_path(Path(spec))
+            return _load_path(Path(spec), names)
         return importlib.import_module(spec)
     except ModuleLoadError:
         raise
+    except DefinitionError as exc:
+        raise ModuleLoadError(f"in flows module {spec!r}: {exc}") from None
     except BaseException as exc:  # noqa: BLE001 - a user module may raise anything
         raise ModuleLoadError(_import_failure(spec, exc)) from None
 
 
-def _load_path(path: Path) -> ModuleType:
+class _PathNames:
+    """The module name of each flows file given by path.
+
+    A file is named by its stem (`flows.py` -> `flows`), as `python flows.py`'s
+    sibling imports expect, unless an earlier file already took that stem, or the
+    stem is a standard library module it would shadow: then the stem plus a hash
+    of the file's path. So `team_a/flows.py` and `team_b/flows.py` become two
+    modules, and a task's key (module:qualname) says which file it is in.
+    """
+
+    def __init__(self) -> None:
+        self.taken: dict[str, Path] = {}
+
+    def name_for(self, path: Path) -> str:
+        name = path.stem
+        if self.taken.get(name, path) != path or name in sys.stdlib_module_names:
+            digest = hashlib.sha1(str(path).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+            name = f"{path.stem}_{digest}"
+        self.taken[name] = path
+        return name
+
+
+def _load_path(path: Path, names: _PathNames) -> ModuleType:
     if not path.is_file():
         raise ModuleLoadError(f"cannot import flows module {str(path)!r}: no such file")
     path = path.resolve()
     # Sibling imports in the user's file should work as they do with `python file.py`.
     if str(path.parent) not in sys.path:
         sys.path.insert(0, str(path.parent))
-    name = path.stem
+    name = names.name_for(path)
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+        return loaded  # given twice, or already imported by an earlier flows module
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
         raise ModuleLoadError(f"cannot import flows module {str(path)!r}: not a Python file")

@@ -17,7 +17,6 @@ so ``tail -f`` keeps up.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from datetime import datetime
@@ -26,12 +25,12 @@ from typing import TextIO
 
 from ..executor.events import NullListener
 from ..executor.records import RunRecord, TaskRecord
+from ..textsafe import safe_file_stem
 from .report_html import format_bytes
 
 _BUFFER_BYTES = 1 << 20
 _FLUSH_INTERVAL_S = 1.0
 _STREAM_MARK = {"stdout": "OUT", "stderr": "ERR"}
-_UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def _timestamp() -> str:
@@ -77,7 +76,7 @@ class LogFileListener(NullListener):
         self._lock = threading.Lock()
 
     def path_for(self, run_id: str) -> Path:
-        return self.log_dir / f"{_UNSAFE_FILENAME.sub('_', run_id)}.log"
+        return self.log_dir / f"{safe_file_stem(run_id)}.log"
 
     # --- events ---------------------------------------------------------------
 

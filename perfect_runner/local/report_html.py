@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from datetime import datetime
 from html import escape
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from ..executor.records import RunRecord
 from ..jsonsafe import json_safe
+from ..textsafe import safe_file_stem
 
 MAX_HTML_TABLE_ROWS = 1000
 
@@ -74,7 +74,7 @@ def write_reports(run: RunRecord, reports_dir: str | Path) -> tuple[Path, Path]:
     directory = Path(reports_dir)
     directory.mkdir(parents=True, exist_ok=True)
     record = json_safe(run.to_dict())
-    stem = f"{_safe_name(run.flow_name)}_{_safe_name(run.run_id)}"
+    stem = f"{safe_file_stem(run.flow_name)}_{safe_file_stem(run.run_id)}"
     html_path = directory / f"{stem}.html"
     json_path = directory / f"{stem}.json"
     html_path.write_text(render_html(record), encoding="utf-8")
@@ -166,11 +166,6 @@ def _e(value: Any) -> str:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _safe_name(name: str) -> str:
-    """A file-name-safe version of `name`: spaces and anything unusual become '_'."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "_"
 
 
 # --- formatting shared with the terminal view ---------------------------------------

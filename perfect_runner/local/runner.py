@@ -8,6 +8,7 @@ from typing import TextIO
 from ..executor.engine import FlowExecutor
 from ..executor.events import FanOut
 from ..executor.records import RunRecord
+from ..textsafe import clean_block, clean_text
 from .interrupt import Interruption
 from .logfile import LogFileListener
 from .report_html import write_reports
@@ -15,14 +16,16 @@ from .terminal_view import TerminalView
 
 
 def list_flows(executor: FlowExecutor, out: TextIO = sys.stdout) -> None:
+    # Names, tags and descriptions come from user code: cleaned before they are shown.
     for name, flow in executor.flows.items():
         tags = ", ".join(f"{k}={v}" for k, v in (flow.get("tags") or {}).items())
-        out.write(f"{name}" + (f"  [{tags}]" if tags else "") + "\n")
+        out.write(clean_text(name) + (f"  [{clean_text(tags)}]" if tags else "") + "\n")
         if flow.get("description"):
-            out.write(f"    {flow['description']}\n")
+            out.write(f"    {clean_block(flow['description'], '    ')}\n")
         for task in executor.flow_tasks(name):
             crucial = "" if task["crucial_pass"] else "  (non-crucial)"
-            out.write(f"    - {task['name']}  ~{task['estimated_time']} ms{crucial}\n")
+            out.write(f"    - {clean_text(task['name'])}  ~{task['estimated_time']} ms"
+                      f"{crucial}\n")
 
 
 def run_locally(executor: FlowExecutor, flow_names: list[str], log_dir: str, reports_dir: str,
@@ -44,13 +47,13 @@ def run_locally(executor: FlowExecutor, flow_names: list[str], log_dir: str, rep
             finally:
                 stop.attach(None)
             html, json_path = write_reports(record, reports_dir)
-            out.write(f"{record.flow_name}: {record.state}  report: {html}  record: "
+            out.write(f"{clean_text(record.flow_name)}: {record.state}  report: {html}  record: "
                       f"{json_path}  log: {record.log_path}\n")
             out.flush()
             records.append(record)
         skipped = flow_names[len(records):]
         if stop.signum is not None and skipped:
             out.write(f"{stop.reason}: {len(skipped)} flow(s) not run: "
-                      + ", ".join(repr(name) for name in skipped) + "\n")
+                      + ", ".join(repr(clean_text(name)) for name in skipped) + "\n")
             out.flush()
     return records, stop.signum

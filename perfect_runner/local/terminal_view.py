@@ -29,7 +29,6 @@ blocks another run's bookkeeping and frames never interleave.
 from __future__ import annotations
 
 import os
-import re
 import sys
 import threading
 import time
@@ -39,6 +38,7 @@ from typing import Any, TextIO
 from ..executor.events import NullListener
 from ..executor.records import RunRecord, TaskRecord
 from ..isolation.outcome import INTERRUPTED_BY
+from ..textsafe import clean_lines, clean_text
 from .report_html import cell_text, format_bytes, format_duration, table_columns
 
 FRAME_INTERVAL_S = 0.1
@@ -55,34 +55,8 @@ BAR_WIDTH = 20
 # A notice is for the person at the terminal (e.g. "Ctrl-C: stopping").
 DEFAULT_RUNNER_LEVELS = ("notice", "error", "critical")
 
-# CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST), DCS/SOS/PM/APC strings, and
-# two-character escapes such as ESC c (full reset).
-_ESCAPES = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]?"
-    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
-    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"
-    r"|\x1b[ -/]*[0-~]?"
-)
-# C0 and C1 controls and DEL, plus the bidi overrides that reorder what is shown.
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _COLORS = {"COMPLETED": "32", "FAILED": "31", "RUNNING": "36", "RETRYING": "33", "PENDING": "2"}
 _FINISHED = {"COMPLETED", "FAILED"}
-
-
-def clean_text(text: Any) -> str:
-    """`text` as one line that cannot drive the terminal: escapes and controls removed."""
-    text = str(text)
-    if text.isprintable():
-        return text
-    if "\r" in text:
-        # A carriage return redraws the line on a terminal: keep what would remain visible.
-        text = next((part for part in reversed(text.split("\r")) if part), "")
-    return _CONTROLS.sub("", _ESCAPES.sub("", text).expandtabs(4))
-
-
-def clean_lines(text: Any) -> list[str]:
-    """Multi-line `text` (a note, a traceback) as clean lines."""
-    return [clean_text(line) for line in str(text).splitlines()] or [""]
 
 
 def _last_frames(lines: list[str]) -> list[str]:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import runtime
+from .checks import check_definition
 from .registry import FlowDefinition, TaskDefinition, get_registry
 from .units import parse_size
 
@@ -32,6 +33,7 @@ def task(
         return task()(name)
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        check_definition("task", name or func.__name__, func)
         definition = TaskDefinition(
             name=name or func.__name__,
             func=func,
@@ -72,6 +74,7 @@ def flow(
     """Mark a function as a flow: its body calls tasks, in order."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        check_definition("flow", name or func.__name__, func)
         definition = FlowDefinition(
             name=name or func.__name__,
             func=func,

@@ -25,3 +25,10 @@ class TaskTimeout(BaseException):
     A BaseException so that a bare `except Exception` in user code does not
     swallow the stop.
     """
+
+
+class DefinitionError(ValueError):
+    """A @flow or @task definition the runner cannot run; raised when it is decorated.
+
+    The message is one line naming the definition (file:line) and what to change.
+    """

@@ -6,6 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checks import where
+from .errors import DefinitionError
+
 
 @dataclass
 class TaskDefinition:
@@ -61,9 +64,21 @@ class WorkflowRegistry:
         self.tasks: dict[str, TaskDefinition] = {}
 
     def add_task(self, definition: TaskDefinition) -> None:
-        self.tasks[definition.key] = definition
+        # Tasks made by a factory share module and qualname: number the later ones.
+        # Every process imports the modules in the same order, so keys agree.
+        key, n = definition.key, 1
+        while key in self.tasks and self.tasks[key].func is not definition.func:
+            n += 1
+            key = f"{definition.key}#{n}"
+        definition.key = key
+        self.tasks[key] = definition
 
     def add_flow(self, definition: FlowDefinition) -> None:
+        first = self.flows.get(definition.name)
+        if first is not None and first.func is not definition.func:
+            raise DefinitionError(
+                f"two flows are named {definition.name!r}: one at {where(first.func)}, "
+                f"one at {where(definition.func)}; flow names must be unique: rename one")
         self.flows[definition.name] = definition
 
     def get_flows(self) -> list[FlowDefinition]:

@@ -38,11 +38,11 @@ import requests
 import urllib3
 
 from ..jsonsafe import json_safe
+from ..names import name_problem
 
 log = logging.getLogger("perfect_runner.transport")
 
 DEFAULT_MAX_BODY = 1024 * 1024
-MAX_ID_LEN = 256
 
 
 class ApiStatus(enum.Enum):
@@ -135,12 +135,9 @@ def _checked_text(data: dict[str, Any], key: str, allow_empty: bool = False) -> 
         raise BadRequest(f"execution request field {key!r} is not a string: {_short(value, 80)!r}")
     if not value and not allow_empty:
         raise BadRequest(f"execution request field {key!r} is empty")
-    if len(value) > MAX_ID_LEN:
-        raise BadRequest(
-            f"execution request field {key!r} is {len(value)} chars (max {MAX_ID_LEN})"
-        )
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise BadRequest(f"execution request field {key!r} contains control characters")
+    problem = name_problem(value)
+    if problem:
+        raise BadRequest(f"execution request field {key!r} {problem}")
     return value
 
 
