@@ -71,7 +71,8 @@ def _dispatch(args, executor: FlowExecutor) -> int:
     if args.server is None:
         from .local.runner import run_locally
 
-        records, signum = run_locally(executor, names, args.log_dir, args.reports_dir)
+        records, signum = run_locally(executor, names, args.log_dir, args.reports_dir,
+                                      max_log_bytes=args.max_log_bytes)
         if signum is not None:
             return exit_code(signum)
         return EXIT_OK if all(r.state == "COMPLETED" for r in records) else EXIT_FAILED

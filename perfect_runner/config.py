@@ -16,10 +16,19 @@ from .isolation.protocol import MAX_BLOB
 from .sdk.units import parse_size
 
 DEFAULT_SERVER = "http://localhost:3000"
+START_METHODS = ("forkserver", "spawn")
+WORKDIRS = ("inherit", "tmp")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_MAX_LOG_FILE = "100MiB"
+MIN_LOG_FILE = 16 * 1024
 
 
 class UsageError(Exception):
     """A bad option or environment value; one line, exit code 2."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
 
 
 def _env(name: str, default: Any = None) -> Any:
@@ -42,23 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     add("--run", action="append", metavar="FLOW", default=[],
         help="run this flow (repeatable); local mode unless --server is given")
     add("--run-all", action="store_true", help="run every flow (local mode unless --server)")
-    add("--start-method", choices=("forkserver", "spawn"),
-        default=_env("START_METHOD", "forkserver"),
+    add("--start-method", choices=START_METHODS,
+        default=_env_choice("START_METHOD", "forkserver", START_METHODS),
         help="how task processes start: forkserver (default; a small fork server with the "
         "flows modules preloaded) or spawn (a fresh interpreter per process)")
     add = p.add_argument_group("worker mode (a Perfect backend)").add_argument
     add("--server", default=None, metavar="URL",
         help=f"Perfect backend URL [PERFECT_SERVER_URL, default {DEFAULT_SERVER} in worker mode]")
-    add("--concurrency", type=int, default=int(_env("CONCURRENCY", 1)), metavar="N",
+    add("--concurrency", type=int, default=_env_int("CONCURRENCY", 1), metavar="N",
         help="flow runs at once (default 1)")
-    add("--progress-interval", type=float, default=float(_env("PROGRESS_INTERVAL", 0.5)),
+    add("--progress-interval", type=float, default=_env_float("PROGRESS_INTERVAL", 0.5),
         metavar="SECONDS", help="RUNNING updates per task at most this often (default 0.5)")
-    add("--shutdown-grace", type=float, default=float(_env("SHUTDOWN_GRACE", 3.0)),
+    add("--shutdown-grace", type=float, default=_env_float("SHUTDOWN_GRACE", 3.0),
         metavar="SECONDS", help="on SIGTERM, time running tasks get to finish (default 3)")
-    add("--log-rate", type=float, default=float(_env("LOG_RATE", 20)), metavar="N",
+    add("--log-rate", type=float, default=_env_float("LOG_RATE", 20), metavar="N",
         help="log entries per second per run sent one line each; faster output is "
         "joined into bigger entries (default 20)")
-    add("--max-log-entries", type=int, default=int(_env("MAX_LOG_ENTRIES", 2000)), metavar="N",
+    add("--max-log-entries", type=int, default=_env_int("MAX_LOG_ENTRIES", 2000), metavar="N",
         help="log entries per run sent to the backend; the rest stays in the local "
         "log file (default 2000)")
     add("--token", default=_env("TOKEN"), help="sent as 'Authorization: Bearer ...' on every "
@@ -66,44 +75,45 @@ def build_parser() -> argparse.ArgumentParser:
         "to tasks [PERFECT_TOKEN]")
     add("--ca-bundle", default=_env("CA_BUNDLE"), metavar="PATH",
         help="CA certificates to verify an HTTPS backend with (private CA)")
-    add("--insecure", action="store_true", default=bool(_env("INSECURE")),
+    add("--insecure", action="store_true", default=_env_bool("INSECURE"),
         help="do not verify the backend's TLS certificate (warned at start and in every "
         "run's log)")
     add = p.add_argument_group(
         "task limits (defaults for every task; @task(...) options win)").add_argument
-    add("--task-timeout", type=float, default=_float_env("TASK_TIMEOUT"), metavar="SECONDS",
+    add("--task-timeout", type=float, default=_env_float("TASK_TIMEOUT"), metavar="SECONDS",
         help="default task timeout in seconds (default none)")
-    add("--kill-grace", type=float, default=float(_env("KILL_GRACE", 2.0)), metavar="SECONDS",
+    add("--kill-grace", type=float, default=_env_float("KILL_GRACE", 2.0), metavar="SECONDS",
         help="after a timeout, how long a task may clean up before SIGKILL (default 2)")
     add("--memory-limit", default=_env("MEMORY_LIMIT"), metavar="SIZE",
         help="default task memory limit, e.g. 512MB (default none)")
-    add("--hard-memory-cap", action="store_true", default=bool(_env("HARD_MEMORY_CAP")),
+    add("--hard-memory-cap", action="store_true", default=_env_bool("HARD_MEMORY_CAP"),
         help="also cap each task's address space at its memory limit (RLIMIT_AS), for "
         "allocations faster than the 50 ms RSS sampling")
-    add("--max-procs", type=int, default=_int_env("MAX_PROCS"), metavar="N",
+    add("--max-procs", type=int, default=_env_int("MAX_PROCS"), metavar="N",
         help="most processes one task's tree may have; more (a fork bomb) kills the task "
         "(default none)")
-    add("--cpu-limit", type=int, default=_int_env("CPU_LIMIT"), metavar="SECONDS",
+    add("--cpu-limit", type=int, default=_env_int("CPU_LIMIT"), metavar="SECONDS",
         help="CPU seconds per task process, RLIMIT_CPU (default none)")
-    add("--max-open-files", type=int, default=int(_env("MAX_OPEN_FILES", 1024)), metavar="N",
+    add("--max-open-files", type=int, default=_env_int("MAX_OPEN_FILES", 1024), metavar="N",
         help="open files per task process, RLIMIT_NOFILE (default 1024)")
     add("--max-file-size", default=_env("MAX_FILE_SIZE"), metavar="SIZE",
         help="largest file a task may write, RLIMIT_FSIZE, e.g. 1GB (default none)")
     add("--max-result-size", default=_env("MAX_RESULT_SIZE", str(DEFAULT_MAX_RESULT)),
         metavar="SIZE", help="largest task result or argument payload (default 64MiB)")
-    add("--retries", type=int, default=int(_env("RETRIES", 0)), metavar="N",
+    add("--retries", type=int, default=_env_int("RETRIES", 0), metavar="N",
         help="default retries of a failed task (default 0)")
-    add("--retry-delay", type=float, default=float(_env("RETRY_DELAY", 0)), metavar="SECONDS",
+    add("--retry-delay", type=float, default=_env_float("RETRY_DELAY", 0), metavar="SECONDS",
         help="default pause between attempts (default 0)")
     add = p.add_argument_group("task environment").add_argument
     add("--task-user", default=_env("TASK_USER"), metavar="NAME",
         help="when the worker runs as root, run flow and task processes as this user")
     add("--task-group", default=_env("TASK_GROUP"), metavar="NAME",
         help="group for --task-user (default: the user's primary group)")
-    add("--task-workdir", choices=("inherit", "tmp"), default=_env("TASK_WORKDIR", "inherit"),
+    add("--task-workdir", choices=WORKDIRS,
+        default=_env_choice("TASK_WORKDIR", "inherit", WORKDIRS),
         help="inherit: tasks run in the worker's directory (default); tmp: a fresh "
         "temporary directory per task attempt, removed afterwards")
-    add("--keep-workdirs", action="store_true", default=bool(_env("KEEP_WORKDIRS")),
+    add("--keep-workdirs", action="store_true", default=_env_bool("KEEP_WORKDIRS"),
         help="with --task-workdir tmp, keep the directories for inspection")
     add("--scrub-env", action="append", default=[], metavar="PATTERN",
         help="also remove environment variables matching this glob from what flows and "
@@ -113,31 +123,60 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument_group("output").add_argument
     add("--log-dir", default=_env("LOG_DIR", "perfect-logs"), metavar="DIR",
         help="where every run's complete log is written (default ./perfect-logs)")
+    add("--max-log-file-size", default=_env("MAX_LOG_FILE_SIZE", DEFAULT_MAX_LOG_FILE),
+        metavar="SIZE", help="largest size of one run's log file; past it the first part "
+        "and the last part are kept, with a line saying how much was cut (default "
+        f"{DEFAULT_MAX_LOG_FILE})")
     add("--reports-dir", default=_env("REPORTS_DIR", "reports"), metavar="DIR",
         help="where local mode writes HTML and JSON reports (default ./reports)")
-    add("--log-level", default=_env("LOG_LEVEL", "INFO"),
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="runner log level (default INFO)")
-    add("--full-tracebacks", action="store_true", default=bool(_env("FULL_TRACEBACKS")),
+    add("--log-level", default=_env_choice("LOG_LEVEL", "INFO", LOG_LEVELS),
+        choices=LOG_LEVELS, help="runner log level (default INFO)")
+    add("--full-tracebacks", action="store_true", default=_env_bool("FULL_TRACEBACKS"),
         help="keep the runner's own frames in task tracebacks and stack dumps (they are "
         "trimmed by default; useful to report a runner bug)")
     return p
 
 
-def _int_env(name: str) -> int | None:
-    value = _env(name)
-    return int(value) if value not in (None, "") else None
+def _env_bool(name: str) -> bool:
+    """A yes/no PERFECT_* variable; unset or empty is no, anything unrecognised an error."""
+    value = _env(name, "")
+    key = value.strip().lower()
+    if key in _FALSE:
+        return False
+    if key in _TRUE:
+        return True
+    raise UsageError(f"PERFECT_{name}={value!r} is not a yes/no value: use 1/0, true/false, "
+                     "yes/no or on/off")
 
 
-def _float_env(name: str) -> float | None:
-    value = _env(name)
-    return float(value) if value not in (None, "") else None
+def _env_int(name: str, default: int | None = None) -> int | None:
+    return _env_number(name, default, int, "a whole number")
+
+
+def _env_float(name: str, default: float | None = None) -> float | None:
+    return _env_number(name, default, float, "a number")
+
+
+def _env_number(name: str, default: Any, convert: Callable[[str], Any], what: str) -> Any:
+    value = _env(name, "")
+    if value.strip() == "":
+        return default
+    try:
+        return convert(value.strip())
+    except ValueError:
+        raise UsageError(f"PERFECT_{name}={value!r} is not {what}") from None
+
+
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    # argparse checks choices on the command line only, not on defaults.
+    value = _env(name, "") or default
+    if value not in choices:
+        raise UsageError(f"PERFECT_{name}={value!r}: use one of {', '.join(choices)}")
+    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    try:
-        args = build_parser().parse_args(argv)
-    except ValueError as exc:  # a PERFECT_* value that is not a number
-        raise UsageError(f"bad PERFECT_* environment value: {exc}") from None
+    args = build_parser().parse_args(argv)
     if not args.flows and _env("FLOWS"):
         args.flows = [m.strip() for m in _env("FLOWS").split(",") if m.strip()]
     if not args.flows:
@@ -148,6 +187,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _check(args.concurrency >= 1, "--concurrency must be at least 1")
     _check(args.retries >= 0, "--retries must be 0 or more")
     _check(args.progress_interval > 0, "--progress-interval must be positive")
+    args.max_log_bytes = _size("--max-log-file-size", args.max_log_file_size)
+    _check(args.max_log_bytes >= MIN_LOG_FILE, "--max-log-file-size must be at least 16KiB")
     return args
 
 

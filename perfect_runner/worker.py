@@ -62,8 +62,8 @@ class Worker:
         self.backend = BackendListener(
             self.client, on_cancel=self._on_cancel, log_rate=args.log_rate,
             max_log_entries=args.max_log_entries, progress_interval=args.progress_interval)
-        self.listener: RunListener = FanOut(LogFileListener(args.log_dir), self.backend,
-                                            WorkerLog())
+        self.listener: RunListener = FanOut(
+            LogFileListener(args.log_dir, args.max_log_bytes), self.backend, WorkerLog())
         self.stop = threading.Event()
         self.slots = threading.Semaphore(args.concurrency)
         self.runs: dict[str, FlowRun] = {}

@@ -1,4 +1,4 @@
-"""The complete log of a local run, one file per run.
+"""The log of a run, one file per run, bounded in size.
 
 Every line the runner logs and every line a task or the flow body prints ends
 up in ``<log_dir>/<run_id>.log``, in arrival order, as::
@@ -13,6 +13,10 @@ gets one timestamp and one prefix, is joined into one string and goes into a
 large write buffer: no per-line syscall. The buffer is flushed when a task
 finishes, when the run finishes, and at most a second after the last flush,
 so ``tail -f`` keeps up.
+
+Each file is bounded (``--max-log-file-size``, default 100 MiB): past it, the
+first part and the last part are kept and the file ends with a line saying how
+much was cut (see `bounded_file`).
 """
 
 from __future__ import annotations
@@ -21,14 +25,14 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
 
 from ..executor.events import NullListener
 from ..executor.records import RunRecord, TaskRecord
 from ..textsafe import safe_file_stem
+from .bounded_file import BoundedLogFile
 from .report_html import format_bytes
 
-_BUFFER_BYTES = 1 << 20
+DEFAULT_MAX_BYTES = 100 * 1024 * 1024  # --max-log-file-size
 _FLUSH_INTERVAL_S = 1.0
 _STREAM_MARK = {"stdout": "OUT", "stderr": "ERR"}
 
@@ -46,17 +50,14 @@ def _seconds(duration_ms: int | None) -> str:
 
 
 class _OpenLog:
-    """One run's log file and when it was last flushed."""
+    """One run's log file, bounded, and when it was last flushed."""
 
-    def __init__(self, path: Path) -> None:
-        # backslashreplace: a line with undecodable bytes is still written, never dropped
-        self.file: TextIO = open(  # closed in run_finished
-            path, "a", encoding="utf-8", errors="backslashreplace", buffering=_BUFFER_BYTES
-        )
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.file = BoundedLogFile(path, max_bytes, _notice_line)  # closed in run_finished
         self.last_flush = time.monotonic()
 
     def write(self, text: str) -> None:
-        self.file.write(text)
+        self.file.write(_encode(text))
         now = time.monotonic()
         if now - self.last_flush >= _FLUSH_INTERVAL_S:
             self.flush(now)
@@ -66,11 +67,21 @@ class _OpenLog:
         self.last_flush = time.monotonic() if now is None else now
 
 
+def _encode(text: str) -> bytes:
+    # backslashreplace: a line with undecodable bytes is still written, never dropped
+    return text.encode("utf-8", "backslashreplace")
+
+
+def _notice_line(message: str) -> bytes:
+    return _encode(f"{_timestamp()} runner WARN  {message}\n")
+
+
 class LogFileListener(NullListener):
     """Writes each run's complete, timestamped log to ``<log_dir>/<run_id>.log``."""
 
-    def __init__(self, log_dir: str | Path) -> None:
+    def __init__(self, log_dir: str | Path, max_bytes: int | None = None) -> None:
         self.log_dir = Path(log_dir)
+        self.max_bytes = max_bytes or DEFAULT_MAX_BYTES
         self._logs: dict[str, _OpenLog] = {}
         # Guards only the dict: each run's events come from that run's own thread.
         self._lock = threading.Lock()
@@ -83,7 +94,7 @@ class LogFileListener(NullListener):
     def run_started(self, run: RunRecord) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         path = self.path_for(run.run_id)
-        log = _OpenLog(path)
+        log = _OpenLog(path, self.max_bytes)
         with self._lock:
             self._logs[run.run_id] = log
         run.log_path = str(path)

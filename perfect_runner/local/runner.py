@@ -29,7 +29,8 @@ def list_flows(executor: FlowExecutor, out: TextIO = sys.stdout) -> None:
 
 
 def run_locally(executor: FlowExecutor, flow_names: list[str], log_dir: str, reports_dir: str,
-                out: TextIO = sys.stdout) -> tuple[list[RunRecord], int | None]:
+                out: TextIO = sys.stdout, max_log_bytes: int | None = None
+                ) -> tuple[list[RunRecord], int | None]:
     """Run each flow in turn; print where its log and reports are.
 
     Returns the records and the signal that interrupted the runs (None if none did).
@@ -40,15 +41,15 @@ def run_locally(executor: FlowExecutor, flow_names: list[str], log_dir: str, rep
         for name in flow_names:
             if stop.signum is not None:
                 break
-            run = executor.new_run(name, FanOut(LogFileListener(log_dir), view))
+            run = executor.new_run(name, FanOut(LogFileListener(log_dir, max_log_bytes), view))
             stop.attach(run)
             try:
                 record = run.execute()
             finally:
                 stop.attach(None)
             html, json_path = write_reports(record, reports_dir)
-            out.write(f"{clean_text(record.flow_name)}: {record.state}  report: {html}  record: "
-                      f"{json_path}  log: {record.log_path}\n")
+            out.write(f"{clean_text(record.flow_name)}: {record.state}  report: {html}  "
+                      f"record: {json_path}  log: {record.log_path}\n")
             out.flush()
             records.append(record)
         skipped = flow_names[len(records):]
