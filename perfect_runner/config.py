@@ -13,13 +13,13 @@ from typing import Any
 from . import __version__
 from .executor.options import DEFAULT_MAX_RESULT, RunOptions
 from .isolation.protocol import MAX_BLOB
-from .sdk.units import parse_size
+from .local.logfile import DEFAULT_MAX_BYTES as DEFAULT_MAX_LOG_BYTES
+from .sdk.units import format_size, parse_size
 
 DEFAULT_SERVER = "http://localhost:3000"
 START_METHODS = ("forkserver", "spawn")
 WORKDIRS = ("inherit", "tmp")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-DEFAULT_MAX_LOG_FILE = "100MiB"
 MIN_LOG_FILE = 16 * 1024
 
 
@@ -123,10 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument_group("output").add_argument
     add("--log-dir", default=_env("LOG_DIR", "perfect-logs"), metavar="DIR",
         help="where every run's complete log is written (default ./perfect-logs)")
-    add("--max-log-file-size", default=_env("MAX_LOG_FILE_SIZE", DEFAULT_MAX_LOG_FILE),
-        metavar="SIZE", help="largest size of one run's log file; past it the first part "
-        "and the last part are kept, with a line saying how much was cut (default "
-        f"{DEFAULT_MAX_LOG_FILE})")
+    add("--max-log-file-size", default=_env("MAX_LOG_FILE_SIZE"), metavar="SIZE",
+        help="largest size of one run's log file; past it the first part and the last "
+        "part are kept, with a line saying how much was cut (default "
+        f"{format_size(DEFAULT_MAX_LOG_BYTES)})")
     add("--reports-dir", default=_env("REPORTS_DIR", "reports"), metavar="DIR",
         help="where local mode writes HTML and JSON reports (default ./reports)")
     add("--log-level", default=_env_choice("LOG_LEVEL", "INFO", LOG_LEVELS),
@@ -187,7 +187,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _check(args.concurrency >= 1, "--concurrency must be at least 1")
     _check(args.retries >= 0, "--retries must be 0 or more")
     _check(args.progress_interval > 0, "--progress-interval must be positive")
-    args.max_log_bytes = _size("--max-log-file-size", args.max_log_file_size)
+    args.max_log_bytes = (_size("--max-log-file-size", args.max_log_file_size)
+                          or DEFAULT_MAX_LOG_BYTES)
     _check(args.max_log_bytes >= MIN_LOG_FILE, "--max-log-file-size must be at least 16KiB")
     return args
 
