@@ -175,7 +175,9 @@ class FaultRecorder(Recorder):
 
     def __init__(self, log_dir: Path) -> None:
         super().__init__()
-        self.log = LogFileListener(log_dir)
+        # Above the flood's ~180 MB of log: every line must reach the file (the bound
+        # itself is tested in test_log_bound.py).
+        self.log = LogFileListener(log_dir, max_bytes=1 << 30)
         self.line_count: dict[int | None, int] = {}
         self.kept: list[tuple[int | None, str]] = []
 
