@@ -87,6 +87,13 @@ def test_the_same_file_given_twice_is_loaded_once(tmp_path: Path) -> None:
     assert result.stdout.splitlines() == ["Once"]
 
 
+def test_one_file_given_as_module_and_as_path_says_so(tmp_path: Path) -> None:
+    write(tmp_path / "pkg" / "__init__.py", "")
+    write(tmp_path / "pkg" / "etl.py", '@flow("Etl")\ndef etl():\n    pass\n')
+    line = usage_error(cli(tmp_path, "--flows", "pkg.etl", "--flows", "pkg/etl.py", "--list"))
+    assert "flow 'Etl' at pkg/etl.py:3 was loaded twice, as module 'pkg.etl' and as 'etl'" in line
+
+
 # --- two flows files with the same file name ---------------------------------------
 
 TEAM = '''

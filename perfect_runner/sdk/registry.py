@@ -75,11 +75,17 @@ class WorkflowRegistry:
 
     def add_flow(self, definition: FlowDefinition) -> None:
         first = self.flows.get(definition.name)
-        if first is not None and first.func is not definition.func:
+        if first is None or first.func is definition.func:
+            self.flows[definition.name] = definition
+            return
+        if where(first.func) == where(definition.func):
             raise DefinitionError(
-                f"two flows are named {definition.name!r}: one at {where(first.func)}, "
-                f"one at {where(definition.func)}; flow names must be unique: rename one")
-        self.flows[definition.name] = definition
+                f"flow {definition.name!r} at {where(first.func)} was loaded twice, as "
+                f"module {first.func.__module__!r} and as {definition.func.__module__!r}: "
+                "give each flows file once (as a path or as a module name)")
+        raise DefinitionError(
+            f"two flows are named {definition.name!r}: one at {where(first.func)}, "
+            f"one at {where(definition.func)}; flow names must be unique: rename one")
 
     def get_flows(self) -> list[FlowDefinition]:
         return list(self.flows.values())
