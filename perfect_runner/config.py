@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="add a variable to the environment flows and tasks see (repeatable)")
     add = p.add_argument_group("output").add_argument
     add("--log-dir", default=_env("LOG_DIR", "perfect-logs"), metavar="DIR",
-        help="where every run's complete log is written (default ./perfect-logs)")
+        help="where every run's log is written, bounded by --max-log-file-size "
+        "(default ./perfect-logs)")
     add("--max-log-file-size", default=_env("MAX_LOG_FILE_SIZE"), metavar="SIZE",
         help="largest size of one run's log file; past it the first part and the last "
         "part are kept, with a line saying how much was cut (default "
