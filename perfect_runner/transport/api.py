@@ -38,11 +38,12 @@ import requests
 import urllib3
 
 from ..jsonsafe import json_safe
-from ..names import name_problem
+from ..names import MAX_NAME_LEN, name_problem
 
 log = logging.getLogger("perfect_runner.transport")
 
 DEFAULT_MAX_BODY = 1024 * 1024
+MAX_ID_LEN = MAX_NAME_LEN  # ids and flow names share one rule: perfect_runner.names
 
 
 class ApiStatus(enum.Enum):
