@@ -34,7 +34,7 @@ class BoundedLogFile:
     """Append-only bytes with a size limit; `notice(text)` formats a notice line."""
 
     def __init__(self, path: Path, limit: int, notice: Callable[[str], bytes]) -> None:
-        self.file: BinaryIO = open(path, "ab", buffering=BUFFER_BYTES)  # noqa: SIM115
+        self.file: BinaryIO = open(path, "ab", buffering=BUFFER_BYTES)
         self.limit = limit
         self.notice = notice
         self.tail_budget = min(limit // 2, MAX_TAIL)
