@@ -26,7 +26,7 @@ from worker_process import stop_worker
 from perfect_runner.config import UsageError, parse_args
 
 BOOLEANS = {"INSECURE": "insecure", "HARD_MEMORY_CAP": "hard_memory_cap",
-            "KEEP_WORKDIRS": "keep_workdirs"}
+            "KEEP_WORKDIRS": "keep_workdirs", "FULL_TRACEBACKS": "full_tracebacks"}
 TRUE = ["1", "true", "TRUE", "True", "yes", "Yes", "on", "ON"]
 FALSE = ["0", "false", "False", "FALSE", "no", "NO", "off", "Off", ""]
 FLOWS = "import perfect_runner\n\n@perfect_runner.flow('F')\ndef f():\n    pass\n"
@@ -49,7 +49,7 @@ def test_yes_no_variables_take_the_usual_spellings(clean_env, variable: str, val
 
 def test_yes_no_variables_default_to_no(clean_env) -> None:
     args = parse_args(["--flows", "f.py", "--list"])
-    assert not (args.insecure or args.hard_memory_cap or args.keep_workdirs)
+    assert not any(getattr(args, attribute) for attribute in BOOLEANS.values())
 
 
 @pytest.mark.parametrize("value", ["maybe", "2", "-1", "y", "enabled", "nope"])
@@ -97,6 +97,8 @@ BAD = [
     ({"PERFECT_HARD_MEMORY_CAP": "enabled"}, (), "PERFECT_HARD_MEMORY_CAP='enabled' is not "
      "a yes/no value"),
     ({"PERFECT_KEEP_WORKDIRS": "2"}, (), "PERFECT_KEEP_WORKDIRS='2' is not a yes/no value"),
+    ({"PERFECT_FULL_TRACEBACKS": "full"}, (),
+     "PERFECT_FULL_TRACEBACKS='full' is not a yes/no value"),
     ({"PERFECT_CONCURRENCY": "two"}, (), "PERFECT_CONCURRENCY='two' is not a whole number"),
     ({"PERFECT_TASK_TIMEOUT": "soon"}, (), "PERFECT_TASK_TIMEOUT='soon' is not a number"),
     ({"PERFECT_LOG_LEVEL": "verbose"}, (),
