@@ -11,7 +11,8 @@ import os
 import uuid
 from typing import Any
 
-from ..isolation.launcher import Launcher, start_launcher
+from ..isolation.healing import start_launcher
+from ..isolation.launcher import Launcher
 from .events import RunListener
 from .flow_run import FlowRun
 from .options import RunOptions
