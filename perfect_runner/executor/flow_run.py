@@ -487,7 +487,8 @@ def _signal_words(signum: int) -> str:
 def _describe(exc: BaseException) -> str:
     """What broke and where: "KeyError: 'x' (in flow_run.py:120 _call_task)"."""
     origin = exc.__cause__ or exc
-    frames = traceback.extract_tb(origin.__traceback__)
+    frames = [f for f in traceback.extract_tb(origin.__traceback__)
+              if not f.filename.endswith("fault_injection.py")]
     where = f" (in {Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name})" \
         if frames else ""
     return f"{type(exc).__name__}: {exc}{where}"
