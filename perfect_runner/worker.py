@@ -200,16 +200,20 @@ class Worker:
 
     def _serve_known(self, request: ExecutionRequest) -> None:
         try:
-            try:
-                self.execute(request.flow_name, request.run_id)
-            except Exception as exc:  # noqa: BLE001 - the run could not even be built
-                log.exception("run %s could not be started", request.run_id)
-                note = f"the runner failed while starting this run: {type(exc).__name__}: {exc}"
-                report_failed_run(self.listener, request.flow_name, note, request.run_id)
+            self.execute_contained(request.flow_name, request.run_id)
             self._await_delivery(request.run_id)
         finally:
             if not self.stop.is_set():
                 self._register_again(request.flow_name)
+
+    def execute_contained(self, flow_name: str, run_id: str) -> RunRecord:
+        """`execute`, and a run that could not even be built is reported FAILED."""
+        try:
+            return self.execute(flow_name, run_id)
+        except Exception as exc:  # noqa: BLE001 - FlowRun contains the rest
+            log.exception("run %s could not be started", run_id)
+            note = f"the runner failed while starting this run: {type(exc).__name__}: {exc}"
+            return report_failed_run(self.listener, flow_name, note, run_id)
 
     def execute(self, flow_name: str, run_id: str) -> RunRecord:
         run = self.executor.new_run(flow_name, self.listener, run_id=run_id)
@@ -310,7 +314,7 @@ def _run_named(worker: Worker, names: list[str]) -> int:
                   file=sys.stderr)
             ok = False
             continue
-        record = worker.execute(name, run_id)
+        record = worker.execute_contained(name, run_id)
         worker.backend.close(5.0)
         report = worker.client.get_report(run_id) or {}
         url = f"{worker.args.server.rstrip('/')}{report['url']}" if report.get("url") else "-"
