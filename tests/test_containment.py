@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import is_gone as gone
 from conftest import run_cli
 from fake_perfect import FakePerfect
 from worker_process import start_worker, stop_worker, worker_output
@@ -95,13 +96,6 @@ def armed(places: list[str]) -> dict[str, str]:
 
 def work_pids(tmp_path: Path) -> list[int]:
     return [int(p.name[5:]) for p in tmp_path.glob("work-*")]
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def notes(tasks: list[dict], run_note: str = "") -> str:

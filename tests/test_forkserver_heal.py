@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, is_gone, run_cli
 from fake_perfect import FakePerfect
 from worker_process import start_worker, stop_worker, worker_output
 
@@ -205,8 +205,40 @@ def test_worker_runs_served_by_a_killed_fork_server_fail_and_a_new_one_serves(mo
             assert imports(tmp_path) == [old_server, new_server]
             assert f"fork server (pid {old_server}) died (killed by SIGKILL)" \
                 in worker_output(tmp_path)
+            assert only_the_fork_server_left(worker)
         finally:
             stop_worker(worker)
+    assert worker.returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_worker_task_kills_its_flow_process_run_fails_next_completes(module, tmp_path):
+    with FakePerfect(poll_hold=1.0) as fake:
+        worker = start_worker(fake.url, module, tmp_path)
+        try:
+            fake.wait_for(lambda: len(fake.flows) == 4, 20)
+            server = fork_server(worker).pid
+            run = ended(fake, fake.trigger("Kill Flow"))
+            assert run["state"] == "FAILED"
+            (task,) = run["tasks"]
+            assert (task["state"], task["result"]["note"]) == (
+                "FAILED", "stopped: the flow process is gone (killed by SIGKILL)")
+            fake.wait_for(lambda: any("flow process killed by SIGKILL before the flow finished"
+                                      in line for line in fake.logs(run["id"])), 10)
+            fake.wait_for(lambda: any(f["name"] == "Kill Flow" for f in fake.flows), 10)
+            run = ended(fake, fake.trigger("Fine"))
+            assert run["state"] == "COMPLETED"
+            assert run["tasks"][0]["result"]["note"] == f"server {server}"  # same server
+            assert only_the_fork_server_left(worker)
+        finally:
+            stop_worker(worker)
+    assert worker.returncode == 0
+
+
+def only_the_fork_server_left(worker: subprocess.Popen) -> bool:
+    left = [p for p in psutil.Process(worker.pid).children(recursive=True)
+            if not is_gone(p.pid)]
+    return [p.pid for p in left] == [fork_server(worker).pid]
 
 
 @pytest.mark.timeout(60)
@@ -236,6 +268,7 @@ def test_worker_stops_polling_while_no_fork_server_runs(module, tmp_path):
             assert run["state"] == "COMPLETED"
         finally:
             stop_worker(worker)
+    assert worker.returncode == 0
 
 
 # --- a forked child never returns into the fork server's loop ---------------------

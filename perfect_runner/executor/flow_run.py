@@ -374,6 +374,7 @@ class FlowRun:
         """Report a failure of the flow itself as one more crucial task."""
         self.run.note = note
         if self._crucial_failed:
+            self.log(f"Flow failed: {note}", "error")  # its task already told the rest
             return
         task = TaskRecord(index=len(self.run.tasks), name=FLOW_TASK_NAME, state="RUNNING",
                           started_at=time.time(), crucial_pass=True)
