@@ -17,6 +17,7 @@ Places:
 - listener.<Class>.<event>  a listener (FanOut member) handling an event,
                        e.g. listener.LogFileListener.task_output
 - sender.deliver       the worker's sender thread delivering an update
+- local.report         local mode writing the run's reports
 """
 
 from __future__ import annotations

@@ -27,12 +27,13 @@ from worker_process import start_worker, stop_worker, worker_output
 from perfect_runner.fault_injection import ENV
 
 # Places whose flow must reach the end of a task (the others hold a task running).
-FINISHING = ("flow_run.finish", "task_finished")
+FINISHING = ("flow_run.finish", "task_finished", "local.report")
 
 COMMON = ["engine.new_run", "flow_run.start", "flow_run.call_task", "supervisor.watch",
           "flow_run.finish", "listener.LogFileListener.run_started",
           "listener.LogFileListener.task_output"]
-LOCAL = COMMON + ["listener.TerminalView.task_started", "listener.TerminalView.task_finished"]
+LOCAL = COMMON + ["listener.TerminalView.task_started", "listener.TerminalView.task_finished",
+                  "local.report"]
 WORKER = COMMON + ["listener.BackendListener.task_started", "listener.WorkerLog.task_finished",
                    "listener.BackendListener.runner_log", "sender.deliver"]
 

@@ -10,6 +10,7 @@ from ..executor.engine import FlowExecutor
 from ..executor.events import FanOut, RunListener
 from ..executor.failed_run import report_failed_run
 from ..executor.records import RunRecord
+from ..fault_injection import fault_point
 from .interrupt import Interruption
 from .logfile import LogFileListener
 from .report_html import write_reports
@@ -45,14 +46,7 @@ def run_locally(executor: FlowExecutor, flow_names: list[str], log_dir: str, rep
             if stop.signum is not None:
                 break
             record = _run_one(executor, name, FanOut(LogFileListener(log_dir), view), stop)
-            try:
-                html, json_path = write_reports(record, reports_dir)
-                where = f"report: {html}  record: {json_path}"
-            except Exception as exc:  # noqa: BLE001 - the next runs still go on
-                log.exception("could not write the report of run %s", record.run_id)
-                record.state = "FAILED"
-                record.note = record.note or f"its report could not be written: {exc}"
-                where = f"report NOT written ({type(exc).__name__}: {exc})"
+            where = _write_reports(record, reports_dir)
             out.write(f"{record.flow_name}: {record.state}  {where}  log: {record.log_path}\n")
             out.flush()
             records.append(record)
@@ -77,3 +71,21 @@ def _run_one(executor: FlowExecutor, name: str, listener: RunListener,
         return run.execute()
     finally:
         stop.attach(None)
+
+
+def _write_reports(record: RunRecord, reports_dir: str) -> str:
+    """Write the run's reports; if that fails, the run is FAILED and written again."""
+    try:
+        fault_point("local.report", record.flow_name, record.run_id)
+        html, json_path = write_reports(record, reports_dir)
+        return f"report: {html}  record: {json_path}"
+    except Exception as exc:  # noqa: BLE001 - the next runs still go on
+        log.exception("could not write the report of run %s", record.run_id)
+        record.state = "FAILED"
+        record.note = (f"the runner failed while writing this run's report: "
+                       f"{type(exc).__name__}: {exc}")
+    try:
+        html, json_path = write_reports(record, reports_dir)
+        return f"report: {html}  record: {json_path}"
+    except Exception as exc:  # noqa: BLE001
+        return f"report NOT written ({type(exc).__name__}: {exc})"
