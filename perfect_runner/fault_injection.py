@@ -42,6 +42,7 @@ def _parse(raw: str) -> frozenset[tuple[str, str]]:
 
 
 _ARMED = _parse(os.environ.get(ENV, ""))
+ARMED = bool(_ARMED)  # hot paths skip even building a place name when nothing is armed
 _fired: set[tuple[str, str]] = set()  # (place, run id)
 _lock = threading.Lock()
 

@@ -152,6 +152,18 @@ def test_local_fork_server_that_keeps_dying_is_restarted_with_backoff(module, tm
     assert fine["tasks"][0]["note"] == f"server {imports(tmp_path)[-1]}"
 
 
+@pytest.mark.timeout(60)
+def test_local_spawn_start_method_heals_too(module, tmp_path):
+    result = run_cli("--flows", str(module), "--start-method", "spawn", "--run", "Kill Server",
+                     "--run", "Fine", cwd=tmp_path)
+    assert result.code == 1, result.stderr[-2000:]
+    killed, fine = records(tmp_path)
+    assert killed["state"] == "FAILED"
+    assert "the fork server died (killed by SIGKILL)" in said(killed)
+    assert fine["state"] == "COMPLETED"
+    assert "new fork server started" in result.stderr
+
+
 def test_backoff_schedule() -> None:
     # Given a fork server that dies within 30 s of each start
     backoff = Backoff()

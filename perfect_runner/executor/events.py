@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .. import fault_injection
 from ..fault_injection import fault_point
 from .records import RunRecord, TaskRecord
 
@@ -110,12 +111,13 @@ class FanOut(NullListener):
     def _deliver(self, event: str, run: RunRecord, *args: Any) -> None:
         failed: tuple[str, Exception] | None = None
         for listener in self.listeners:
-            where = f"{type(listener).__name__}.{event}"
             try:
-                fault_point(f"listener.{where}", run.flow_name, run.run_id)
+                if fault_injection.ARMED:
+                    fault_point(f"listener.{type(listener).__name__}.{event}", run.flow_name,
+                                run.run_id)
                 getattr(listener, event)(run, *args)
             except Exception as exc:  # noqa: BLE001 - the others get the event first
-                failed = failed or (where, exc)
+                failed = failed or (f"{type(listener).__name__}.{event}", exc)
         if failed:
             where, exc = failed
             raise ListenerError(f"{where} raised {type(exc).__name__}: {exc}") from exc
