@@ -181,4 +181,5 @@ class GuardedListener:
                 log.log(level, "a listener failed again while its run was failing (%s: %s)",
                         type(exc).__name__, exc)
 
+        setattr(self, event, call)  # built once per event name, not once per call
         return call
