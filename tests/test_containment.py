@@ -19,11 +19,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import Recorder, run_cli
 from conftest import is_gone as gone
-from conftest import run_cli
 from fake_perfect import FakePerfect
 from worker_process import start_worker, stop_worker, worker_output
 
+from perfect_runner.executor.events import FanOut, GuardedListener, ListenerError, NullListener
+from perfect_runner.executor.records import RunRecord, TaskRecord
 from perfect_runner.fault_injection import ENV
 
 # Places whose flow must reach the end of a task (the others hold a task running).
@@ -177,3 +179,25 @@ def check_fine_run(fake: FakePerfect) -> None:
     assert run["state"] == "COMPLETED", run["tasks"]
     assert run["tasks"][0]["result"]["note"] == "left running: none"
     fake.wait_for(lambda: any(f["name"] == "Fine" for f in fake.flows), 10)
+
+
+class Broken(NullListener):
+    def task_started(self, run: RunRecord, task: TaskRecord) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_raising_listener_does_not_keep_the_event_from_the_others() -> None:
+    # Given a fan-out whose first listener raises
+    recorder = Recorder()
+    fan_out = FanOut(Broken(), recorder)
+    run, task = RunRecord(run_id="r", flow_name="f"), TaskRecord(index=0, name="t")
+    # When an event goes out, then the others still get it, and the failure names its source
+    with pytest.raises(ListenerError, match=r"Broken.task_started raised OSError: .*space"):
+        fan_out.task_started(run, task)
+    assert [kind for kind, _ in recorder.events] == ["task_started"]
+    # And once the run is failing, the guard logs instead of raising: the end gets through
+    guard = GuardedListener(fan_out)
+    guard.tripped = True
+    guard.task_started(run, task)
+    guard.run_finished(run)
+    assert [kind for kind, _ in recorder.events] == ["task_started"] * 2 + ["run_finished"]
