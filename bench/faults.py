@@ -9,6 +9,11 @@ faulty task; time to dead tree is task_started -> the moment every pid the
 task wrote down (itself, forked children, a setsid grandchild) is gone, polled
 from task_finished on. The control process's RSS is sampled at both events.
 Every memory and fork fault caps itself.
+
+Then the faults that kill a parent, each in a run of its own (they end their
+run): a task that SIGKILLs its flow process, and one that SIGKILLs the fork
+server. Measured: the run's duration (start to FAILED), the note, how long
+until a fork server takes requests again, and the next run's state.
 """
 
 from __future__ import annotations
@@ -170,7 +175,66 @@ def flows_module(directory: Path, faults: dict[str, Any]) -> str:
                      f"    note_pid({name!r})\n{body}\n")
         calls += [f"    fault_{number}()", "    healthy()"]
     parts.append("\n@flow()\ndef all_faults():\n" + "\n".join(calls) + "\n")
+    parts.append(PARENT_KILLERS)
     return common.write_module(directory, "fault_flows", "".join(parts))
+
+
+PARENT_KILLERS = '''
+
+@task(name="kill flow process")
+def kill_flow_process(flow_pid):
+    os.kill(flow_pid, signal.SIGKILL)
+    time.sleep(60)  # stopped: its flow process is gone
+
+
+@task(name="kill fork server")
+def kill_fork_server():
+    os.kill(os.getppid(), signal.SIGKILL)  # the fork server forked us
+    time.sleep(60)  # we die with it
+
+
+@flow(name="kill flow process")
+def kill_flow_process_flow():
+    kill_flow_process(os.getpid())
+
+
+@flow(name="kill fork server")
+def kill_fork_server_flow():
+    kill_fork_server()
+
+
+@flow(name="healthy after")
+def healthy_after():
+    healthy()
+'''
+
+# flow -> the start of its run's note
+PARENT_FAULTS = {
+    "kill flow process": "flow process killed by SIGKILL before the flow finished",
+    "kill fork server": "the fork server died (killed by SIGKILL)",
+}
+
+
+def parent_kills(executor: FlowExecutor) -> list[Row]:
+    """Each parent-killing flow in its own run, then a healthy run."""
+    table, rows = [], []
+    for flow, expected in PARENT_FAULTS.items():
+        start = time.monotonic()
+        record = executor.new_run(flow, NullListener()).execute()
+        run_ms = (time.monotonic() - start) * 1000
+        executor.launcher.wait_running(30.0)
+        back_ms = (time.monotonic() - start) * 1000
+        after = executor.new_run("healthy after", NullListener()).execute()
+        ok = (record.state == "FAILED" and record.note.startswith(expected)
+              and after.state == "COMPLETED")
+        table.append([flow, f"{record.state} {record.note[:52]}", run_ms, back_ms, after.state,
+                      "ok" if ok else "UNEXPECTED"])
+        rows.append(Row(f"faults: {flow}", "run FAILED as / next run", f"{expected} / COMPLETED",
+                        f"{record.note[:60]} ({run_ms:.0f} ms) / {after.state}", ok))
+    print_table("Faults that kill a parent (each in its own run, then a healthy run)",
+                ["fault", "run ended as", "run ms", "server up ms", "next run", "as expected"],
+                table, align="llrrll")
+    return rows
 
 
 class Timing(NullListener):
@@ -231,6 +295,7 @@ def main(quick: bool = False) -> list[Row]:
         server = executor.launcher.server_pid
         left = [p for p in psutil.Process().children(recursive=True)
                 if p.pid != server and not _gone(p.pid)]
+        parent_rows = parent_kills(executor)
     finally:
         executor.close()
     rss_end = rss_bytes()
@@ -260,7 +325,7 @@ def main(quick: bool = False) -> list[Row]:
         Row("faults", "control RSS start -> end", "-",
             f"{mib(rss_start):.1f} -> {mib(rss_end):.1f} MiB", None),
     ]
-    return rows
+    return rows + parent_rows
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ wild (segfault, hang, memory blow-up, output flood, hard exit, exception,
 plain failure), each marked ``crucial_pass=False`` and followed by a healthy
 task, so the run shows the worker surviving every fault, naming it in the
 task's note, and carrying on. "Crucial Failure Demo" shows the opposite: a
-crucial task fails and the run stops there.
+crucial task fails and the run stops there. "Kill The Fork Server" and "Kill
+The Flow Process" have a task SIGKILL a parent: that run fails saying so, and
+the next run works (a new fork server is started when it is the server).
 
 Run with ``python -m perfect_runner --flows faulty_flows``. The faults are
 bounded even without the runner's limits (the memory hog stops at 400 MB, the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import time
 
 from perfect_runner import TaskResult, flow, task
@@ -32,6 +35,32 @@ def healthy_step(after: str) -> TaskResult:
     print(f"Healthy step after {after}: pid {os.getpid()} doing fine")
     time.sleep(0.05)
     return TaskResult(passed=True, note=f"Worker still healthy after {after}")
+
+
+@task(estimated_time=200)
+def kill_fork_server() -> None:
+    """SIGKILL the fork server, this task's parent"""
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(10)  # dies with its parent first
+
+
+@task(estimated_time=200)
+def kill_flow_process(flow_pid: int) -> None:
+    """SIGKILL the flow process that called this task"""
+    os.kill(flow_pid, signal.SIGKILL)
+    time.sleep(10)  # stopped first: its result has nowhere to go
+
+
+@flow("Kill The Fork Server", description="A task SIGKILLs the fork server.",
+      tags={"purpose": "demo"})
+def kill_the_fork_server() -> None:
+    kill_fork_server()
+
+
+@flow("Kill The Flow Process", description="A task SIGKILLs its flow process.",
+      tags={"purpose": "demo"})
+def kill_the_flow_process() -> None:
+    kill_flow_process(os.getpid())
 
 
 @task(estimated_time=200, crucial_pass=False)

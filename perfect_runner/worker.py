@@ -2,7 +2,9 @@
 
 Threads of the control process:
 - heartbeat: its own connection, a beat at start and every 3 s, whatever else happens;
-- poller (the main loop below): long-polls only while a run slot is free;
+- poller (the main loop below): long-polls only while a run slot is free and a
+  fork server is running (while none is, the backend's work is better off with
+  other workers; heartbeats go on: see `poll_forever`);
 - one thread per running flow run (FlowRun.execute), draining its children;
 - one sender thread per run (transport.sender), the only place a run's updates
   touch the network.
@@ -23,6 +25,7 @@ from typing import Any
 
 from .executor.engine import FlowExecutor
 from .executor.events import FanOut, NullListener, RunListener
+from .executor.failed_run import report_failed_run
 from .executor.flow_run import FlowRun
 from .executor.records import RunRecord, TaskRecord
 from .isolation.outcome import Kind
@@ -60,7 +63,8 @@ class Worker:
         self.client = PerfectAPIClient(args.server, token=args.token, verify=verify)
         self.heartbeat = Heartbeat(self.client)
         self.backend = BackendListener(
-            self.client, on_cancel=self._on_cancel, log_rate=args.log_rate,
+            self.client, on_cancel=self._on_cancel, on_fault=self._on_fault,
+            log_rate=args.log_rate,
             max_log_entries=args.max_log_entries, progress_interval=args.progress_interval)
         self.listener: RunListener = FanOut(
             LogFileListener(args.log_dir, args.max_log_bytes), self.backend, WorkerLog())
@@ -128,6 +132,8 @@ class Worker:
     def poll_forever(self) -> None:
         delay, down = 0.5, False
         while not self.stop.is_set():
+            if not self._fork_server_up():
+                continue
             if not self.slots.acquire(timeout=0.5):
                 continue  # every slot busy: leave queued runs to other workers
             try:
@@ -155,6 +161,26 @@ class Worker:
                 continue
             self._start_thread(request)
 
+    def _fork_server_up(self) -> bool:
+        """Whether to poll now: not while no fork server runs (it is being restarted).
+
+        A run taken now could only wait or fail; left in the queue, it goes to a
+        healthy worker. Heartbeats go on meanwhile: the backend keeps one heartbeat
+        time for all clients, so stopping ours would only get other workers' runs
+        (and our runs still reporting their end) failed by its watchdog.
+        """
+        launcher = self.executor.launcher
+        if launcher.running:
+            return True
+        log.warning("not polling for work: no fork server is running (%s)",
+                    getattr(launcher, "down_reason", "") or "it died")
+        while not self.stop.is_set() and not launcher.wait_running(0.5):
+            pass
+        if launcher.running:
+            log.info("fork server running again (pid %s); polling for work again",
+                     launcher.server_pid)
+        return False
+
     def _start_thread(self, request: ExecutionRequest) -> None:
         thread = threading.Thread(target=self._serve_request, args=(request,),
                                   name=f"run-{request.run_id}", daemon=True)
@@ -165,16 +191,30 @@ class Worker:
     def _serve_request(self, request: ExecutionRequest) -> None:
         try:
             if request.flow_name in self.executor.flows:
-                self.execute(request.flow_name, request.run_id)
-                self._await_delivery(request.run_id)
-                if not self.stop.is_set():
-                    self._register_again(request.flow_name)
+                self._serve_known(request)
             else:
                 self._unknown_flow(request)
         except Exception:  # noqa: BLE001 - one broken run must not stop the worker
             log.exception("run %s failed inside the runner", request.run_id)
         finally:
             self.slots.release()
+
+    def _serve_known(self, request: ExecutionRequest) -> None:
+        try:
+            self.execute_contained(request.flow_name, request.run_id)
+            self._await_delivery(request.run_id)
+        finally:
+            if not self.stop.is_set():
+                self._register_again(request.flow_name)
+
+    def execute_contained(self, flow_name: str, run_id: str) -> RunRecord:
+        """`execute`, and a run that could not even be built is reported FAILED."""
+        try:
+            return self.execute(flow_name, run_id)
+        except Exception as exc:  # noqa: BLE001 - FlowRun contains the rest
+            log.exception("run %s could not be started", run_id)
+            note = f"the runner failed while starting this run: {type(exc).__name__}: {exc}"
+            return report_failed_run(self.listener, flow_name, note, run_id)
 
     def execute(self, flow_name: str, run_id: str) -> RunRecord:
         run = self.executor.new_run(flow_name, self.listener, run_id=run_id)
@@ -205,18 +245,14 @@ class Worker:
     def _unknown_flow(self, request: ExecutionRequest) -> None:
         known = ", ".join(repr(n) for n in self.executor.flows)
         note = f"this worker does not serve flow {request.flow_name!r} (it serves {known})"
-        run = RunRecord(run_id=request.run_id, flow_name=request.flow_name,
-                        started_at=time.time())
-        self.listener.run_started(run)
-        self.listener.runner_log(run, note, "error")
-        task = TaskRecord(index=0, name=request.flow_name, state="RUNNING",
-                          started_at=time.time())
-        run.tasks.append(task)
-        self.listener.task_started(run, task)
-        task.state, task.note, task.passed, task.duration_ms = "FAILED", note, False, 0
-        self.listener.task_finished(run, task)
-        run.state, run.note, run.ended_at = "FAILED", note, time.time()
-        self.listener.run_finished(run)
+        report_failed_run(self.listener, request.flow_name, note, request.run_id)
+
+    def _on_fault(self, run_id: str, note: str) -> None:
+        """The run's sender failed delivering an update: the run fails, saying so."""
+        with self._lock:
+            run = self.runs.get(run_id)
+        if run is not None:
+            run.abort(note)
 
     def _on_cancel(self, run_id: str) -> None:
         with self._lock:
@@ -279,7 +315,7 @@ def _run_named(worker: Worker, names: list[str]) -> int:
                   file=sys.stderr)
             ok = False
             continue
-        record = worker.execute(name, run_id)
+        record = worker.execute_contained(name, run_id)
         worker.backend.close(5.0)
         report = worker.client.get_report(run_id) or {}
         url = f"{worker.args.server.rstrip('/')}{report['url']}" if report.get("url") else "-"

@@ -213,10 +213,13 @@ class CliResult:
     stderr: str
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 45) -> CliResult:
-    """`python -m perfect_runner ARGS` as a subprocess, in `cwd`."""
+def run_cli(*args: str, cwd: Path, timeout: float = 45,
+            env: dict[str, str] | None = None) -> CliResult:
+    """`python -m perfect_runner ARGS` as a subprocess, in `cwd`; `env` adds variables
+    (PERFECT_* ones from the test's own environment are left out)."""
+    extra = env or {}
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    env = {k: v for k, v in env.items() if not k.startswith("PERFECT_")}
+    env = {k: v for k, v in env.items() if not k.startswith("PERFECT_")} | extra
     done = subprocess.run(
         [sys.executable, "-m", "perfect_runner", *args], cwd=cwd, env=env,
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,

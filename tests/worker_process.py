@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 
-def start_worker(url: str, module: Path, tmp_path: Path, *extra: str) -> subprocess.Popen:
+def start_worker(url: str, module: Path, tmp_path: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
     """`python -m perfect_runner` serving `url`; its output goes to a worker-N.out file
-    (a pipe nobody reads could block a chatty worker). MARKER_DIR is tmp_path."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERFECT_")}
+    (a pipe nobody reads could block a chatty worker). MARKER_DIR is tmp_path; `env`
+    adds variables (PERFECT_* ones from the test's own environment are left out)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PERFECT_")},
+           **(env or {})}
     env["MARKER_DIR"] = str(tmp_path)
     out_path = tmp_path / f"worker-{len(list(tmp_path.glob('worker-*.out')))}.out"
     with open(out_path, "w") as out:

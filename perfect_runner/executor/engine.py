@@ -11,7 +11,9 @@ import os
 import uuid
 from typing import Any
 
-from ..isolation.launcher import Launcher, start_launcher
+from ..fault_injection import fault_point
+from ..isolation.healing import start_launcher
+from ..isolation.launcher import Launcher
 from .events import RunListener
 from .flow_run import FlowRun
 from .options import RunOptions
@@ -33,9 +35,11 @@ class FlowExecutor:
         return [self.tasks[key] for key in self.flows[flow_name]["tasks"] if key in self.tasks]
 
     def new_run(self, flow_name: str, listener: RunListener, run_id: str | None = None) -> FlowRun:
+        run_id = run_id or f"local-{uuid.uuid4().hex[:8]}"
+        fault_point("engine.new_run", flow_name, run_id)
         flow = self.flows[flow_name]
         record = RunRecord(
-            run_id=run_id or f"local-{uuid.uuid4().hex[:8]}", flow_name=flow_name,
+            run_id=run_id, flow_name=flow_name,
             description=flow.get("description", ""), tags=dict(flow.get("tags") or {}),
         )
         return FlowRun(record, flow, self.tasks, self.launcher, listener, self.options)

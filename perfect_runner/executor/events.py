@@ -10,9 +10,15 @@ directly.
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
 
+from .. import fault_injection
+from ..fault_injection import fault_point
 from .records import RunRecord, TaskRecord
+
+log = logging.getLogger("perfect_runner.executor")
 
 
 class RunListener(Protocol):
@@ -87,46 +93,93 @@ class NullListener:
         pass
 
 
+class ListenerError(Exception):
+    """A listener raised while handling an event; the other listeners still got it."""
+
+
 class FanOut(NullListener):
-    """Delivers every event to several listeners, in order."""
+    """Delivers every event to several listeners, in order.
+
+    A listener that raises does not keep the event from the others: each gets
+    it, then the first failure is raised as a `ListenerError` naming the
+    listener and the event (the run contains it: see `GuardedListener`).
+    """
 
     def __init__(self, *listeners: RunListener) -> None:
         self.listeners = list(listeners)
 
-    def run_started(self, run: RunRecord) -> None:
+    def _deliver(self, event: str, run: RunRecord, *args: Any) -> None:
+        failed: tuple[str, Exception] | None = None
         for listener in self.listeners:
-            listener.run_started(run)
+            try:
+                if fault_injection.ARMED:
+                    fault_point(f"listener.{type(listener).__name__}.{event}", run.flow_name,
+                                run.run_id)
+                getattr(listener, event)(run, *args)
+            except Exception as exc:  # noqa: BLE001 - the others get the event first
+                failed = failed or (f"{type(listener).__name__}.{event}", exc)
+        if failed:
+            where, exc = failed
+            raise ListenerError(f"{where} raised {type(exc).__name__}: {exc}") from exc
+
+    def run_started(self, run: RunRecord) -> None:
+        self._deliver("run_started", run)
 
     def runner_log(self, run: RunRecord, line: str, level: str = "info") -> None:
-        for listener in self.listeners:
-            listener.runner_log(run, line, level)
+        self._deliver("runner_log", run, line, level)
 
     def task_started(self, run: RunRecord, task: TaskRecord) -> None:
-        for listener in self.listeners:
-            listener.task_started(run, task)
+        self._deliver("task_started", run, task)
 
     def task_progress(self, run: RunRecord, task: TaskRecord) -> None:
-        for listener in self.listeners:
-            listener.task_progress(run, task)
+        self._deliver("task_progress", run, task)
 
     def task_output(
         self, run: RunRecord, task: TaskRecord | None, stream: str, lines: list[str]
     ) -> None:
-        for listener in self.listeners:
-            listener.task_output(run, task, stream, lines)
+        self._deliver("task_output", run, task, stream, lines)
 
     def task_traceback(self, run: RunRecord, task: TaskRecord) -> None:
-        for listener in self.listeners:
-            listener.task_traceback(run, task)
+        self._deliver("task_traceback", run, task)
 
     def task_retrying(self, run: RunRecord, task: TaskRecord) -> None:
-        for listener in self.listeners:
-            listener.task_retrying(run, task)
+        self._deliver("task_retrying", run, task)
 
     def task_finished(self, run: RunRecord, task: TaskRecord) -> None:
-        for listener in self.listeners:
-            listener.task_finished(run, task)
+        self._deliver("task_finished", run, task)
 
     def run_finished(self, run: RunRecord) -> None:
-        for listener in self.listeners:
-            listener.run_finished(run)
+        self._deliver("run_finished", run)
+
+
+class GuardedListener:
+    """A run's listener as the run calls it.
+
+    Until the run is failing, an exception from a listener propagates: it
+    unwinds the run's handling to `FlowRun.execute`, which contains it (the
+    run fails, its processes are killed). Once `tripped` (the run is failing),
+    exceptions are logged and swallowed, so the end of the run still reaches
+    every listener that can take it.
+    """
+
+    def __init__(self, inner: RunListener) -> None:
+        self.inner = inner
+        self.tripped = False
+        self.swallowed = 0
+
+    def __getattr__(self, event: str) -> Callable[..., None]:
+        method = getattr(self.inner, event)
+
+        def call(*args: Any) -> None:
+            try:
+                method(*args)
+            except Exception as exc:
+                if not self.tripped:
+                    raise
+                self.swallowed += 1
+                level = logging.WARNING if self.swallowed == 1 else logging.DEBUG
+                log.log(level, "a listener failed again while its run was failing (%s: %s)",
+                        type(exc).__name__, exc)
+
+        setattr(self, event, call)  # built once per event name, not once per call
+        return call

@@ -11,18 +11,29 @@ returns the task's TaskResult, or None.
 Failures of the flow itself (its body raised outside a task, its process
 died, it ran past `@flow(timeout=...)`) are reported as one extra crucial task
 named "flow", so the backend marks the run FAILED: it has no other way to.
+
+Containment: whatever raises while the control process handles this run (a
+bug of ours, hostile input, a listener) unwinds to `execute`, which fails
+this run alone: its processes are killed, a task left RUNNING is FAILED, and
+the run is FAILED with a note saying what broke. The caller gets the record,
+never the exception.
 """
 
 from __future__ import annotations
 
+import logging
+import signal
 import threading
 import time
+import traceback
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+from ..fault_injection import fault_point
 from ..isolation.child_bootstrap import ChildConfig
 from ..isolation.child_process import ChildProcess
-from ..isolation.launcher import Launcher, LaunchError
+from ..isolation.launcher import ExitInfo, Launcher, LaunchError
 from ..isolation.outcome import INTERRUPTED_BY, Kind, Outcome, describe_signal
 from ..isolation.protocol import (
     NOTE_MAX,
@@ -37,13 +48,15 @@ from ..isolation.protocol import (
 from ..isolation.selector_loop import SelectorLoop
 from ..isolation.supervisor import TaskSupervisor
 from ..isolation.tracebacks import StackDumpFilter
-from .events import RunListener
+from .events import GuardedListener, RunListener
 from .options import RunOptions
 from .records import RunRecord, TaskRecord
 from .spare import WarmSpare
 from .task_setup import process_setup, task_limits, task_workdir
 
 FLOW_TASK_NAME = "flow"
+
+log = logging.getLogger("perfect_runner.executor")
 
 
 class FlowRun:
@@ -53,8 +66,9 @@ class FlowRun:
         self.flow_meta = flow_meta
         self.tasks_meta = tasks_meta
         self.launcher = launcher
-        self.listener = listener
+        self.listener = GuardedListener(listener)
         self.options = options
+        self._flow: ChildProcess | None = None
         self.loop = SelectorLoop()
         self.spare = WarmSpare(launcher, self.loop, options.max_result)
         self._retiring: list[ChildProcess] = []
@@ -78,6 +92,10 @@ class FlowRun:
                 self._cancel = (kind, reason)
         self.loop.wake()
 
+    def abort(self, note: str) -> None:
+        """Fail the run from another thread: something that handles it broke."""
+        self.cancel(f"the runner failed while handling this run: {note}", Kind.RUNNER_FAULT)
+
     def cancel_reason(self) -> tuple[Kind, str] | None:
         if self._cancel is None and self._deadline and time.monotonic() > self._deadline:
             self._cancel = (Kind.FLOW_TIMEOUT, f"{self._flow_timeout:.1f}")
@@ -92,6 +110,25 @@ class FlowRun:
     # --- the run ----------------------------------------------------------
 
     def execute(self) -> RunRecord:
+        """Run the flow to its end; a failure of ours fails this run, never raises."""
+        try:
+            try:
+                self._start()
+                self._run_flow_process()
+            except Exception as exc:  # noqa: BLE001 - contained: this run fails, not us
+                self._contain(exc)
+            try:
+                self._fault("flow_run.finish")
+                self._settle()
+            except Exception as exc:  # noqa: BLE001
+                self._contain(exc)
+                self._settle()
+            self._announce_end()
+        finally:
+            self.loop.close()
+        return self.run
+
+    def _start(self) -> None:
         self.run.started_at = time.time()
         if self._flow_timeout:
             self._deadline = time.monotonic() + self._flow_timeout
@@ -99,11 +136,7 @@ class FlowRun:
         self.log(f"Starting flow: {self.run.flow_name}")
         for notice in self.options.notices:
             self.log(notice, "warning")
-        try:
-            self._run_flow_process()
-        finally:
-            self.loop.close()
-        return self._finish()
+        self._fault("flow_run.start")
 
     def _run_flow_process(self) -> None:
         start = StartFlow(flow_name=self.run.flow_name, run_id=self.run.run_id,
@@ -116,12 +149,14 @@ class FlowRun:
         except LaunchError as exc:
             self._fail_flow(f"could not start the flow process: {exc}")
             return
+        self._flow = flow
         self.spare.prepare()  # while the flow process imports and starts its body
         try:
             self._serve(flow)
         finally:
             self.spare.discard()
             flow.stop()
+            self._flow = None
             self._await_retired()  # nothing the run started outlives it
 
     def _serve(self, flow: ChildProcess) -> None:
@@ -158,6 +193,7 @@ class FlowRun:
         self._settle_retired()  # what the previous task started is gone before this one
         task = self._new_task(call)
         self.listener.task_started(self.run, task)
+        self._fault("flow_run.call_task")
         if call.args_error:
             outcome = Outcome(Kind.UNSENDABLE, detail=call.args_error)
         else:
@@ -204,7 +240,7 @@ class FlowRun:
             # A flow process that broke the protocol is dead: nobody waits for this task.
             if flow.protocol_error:
                 return Kind.CANCELLED, "the flow process broke the runner protocol"
-            return self.cancel_reason()
+            return self.cancel_reason() or _flow_lost(flow)
 
         def tick(reported: float | None) -> None:
             elapsed_ms = (time.monotonic() - started) * 1000
@@ -220,10 +256,13 @@ class FlowRun:
                 self.launcher, self.loop, limits,
                 lambda stream, lines: self.listener.task_output(self.run, task, stream, lines),
                 tick, self.options.progress_interval, stop_reason,
-                full_tracebacks=self.options.full_tracebacks,
+                full_tracebacks=self.options.full_tracebacks, fault=self._fault,
             )
-            outcome = supervisor.run(request, args_blob, self.spare.take(), self.spare.prepare)
-        self._retire(supervisor.leftover)
+            try:
+                outcome = supervisor.run(request, args_blob, self.spare.take(),
+                                         self.spare.prepare)
+            finally:
+                self._retire(supervisor.leftover)
         task.traceback = outcome.traceback
         # A stack dump is on the task's stderr already; a raised exception's traceback
         # is only in its final frame.
@@ -247,9 +286,8 @@ class FlowRun:
             self._retiring.remove(child)
 
     def _await_retired(self) -> None:
-        for child in self._retiring:
-            child.stop()
-        self._retiring.clear()
+        while self._retiring:
+            self._retiring.pop().stop()
 
     def _pause(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -307,8 +345,11 @@ class FlowRun:
         info = flow.exit
         if flow.protocol_error:
             why = f"flow process broke the runner protocol: {flow.protocol_error}"
+        elif info and info.server_died:
+            why = (f"the fork server died ({info.server_died}); the flow process and its "
+                   "task processes died with it")
         elif info and info.signal:
-            why = f"flow process crashed: {describe_signal(info.signal)}"
+            why = f"flow process killed by {_signal_words(info.signal)} before the flow finished"
         else:
             code = info.code if info else None
             why = f"flow process exited with code {code} before the flow finished"
@@ -322,6 +363,8 @@ class FlowRun:
             self._fail_flow(f"flow timed out after {reason} s")
         elif kind is Kind.WORKER_STOPPED:
             self._fail_flow("worker stopped")
+        elif kind is Kind.RUNNER_FAULT:
+            self._fail_flow(reason)
         else:
             prefix = INTERRUPTED_BY if kind is Kind.INTERRUPTED else "cancelled: "
             self.run.note = prefix + reason
@@ -331,6 +374,7 @@ class FlowRun:
         """Report a failure of the flow itself as one more crucial task."""
         self.run.note = note
         if self._crucial_failed:
+            self.log(f"Flow failed: {note}", "error")  # its task already told the rest
             return
         task = TaskRecord(index=len(self.run.tasks), name=FLOW_TASK_NAME, state="RUNNING",
                           started_at=time.time(), crucial_pass=True)
@@ -338,7 +382,42 @@ class FlowRun:
         self.listener.task_started(self.run, task)
         self._record_outcome(task, Outcome(Kind.UNSENDABLE, detail=note))
 
-    def _finish(self) -> RunRecord:
+    # --- containment ------------------------------------------------------
+
+    def _contain(self, exc: Exception) -> None:
+        """Something broke while handling this run: it alone fails, its processes die."""
+        note = f"the runner failed while handling this run: {_describe(exc)}"
+        log.error("run %s: %s", self.run.run_id, note, exc_info=exc)
+        self.listener.tripped = True  # from now on the end of the run must get through
+        with self._lock:
+            if self._cancel is None or self._cancel[0] is not Kind.CANCELLED:
+                self._cancel = (Kind.RUNNER_FAULT, note)
+        self._kill_everything()
+        for task in self.run.tasks:
+            if task.state in ("RUNNING", "RETRYING"):
+                self._record_outcome(task, Outcome(Kind.RUNNER_FAULT, detail=note))
+        self._fail_flow(note)
+
+    def _kill_everything(self) -> None:
+        """Whatever the unwinding left: spare, flow process, retired task processes."""
+        for step in (self.spare.discard, self._stop_flow, self._await_retired):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - the next step must still run
+                log.exception("run %s: could not stop all of its processes", self.run.run_id)
+
+    def _stop_flow(self) -> None:
+        flow, self._flow = self._flow, None
+        if flow is not None:
+            flow.stop()
+
+    def _fault(self, place: str) -> None:
+        fault_point(place, self.run.flow_name, self.run.run_id)
+
+    # --- the end ----------------------------------------------------------
+
+    def _settle(self) -> None:
+        """The run's final state, and the runner's last line about it."""
         self.run.ended_at = time.time()
         failed = any(t.state == "FAILED" and t.crucial_pass for t in self.run.tasks)
         self.run.state = "FAILED" if failed or self._cancel else "COMPLETED"
@@ -350,8 +429,14 @@ class FlowRun:
                 verdict = "interrupted"
             self.log(f"Flow {verdict}: {self.run.flow_name} ({len(self.run.tasks)} tasks, "
                      f"{duration:.1f} s)", "info" if self.run.state == "COMPLETED" else "error")
-        self.listener.run_finished(self.run)
-        return self.run
+
+    def _announce_end(self) -> None:
+        # Past this point the run's state is final: a listener failing now can only be
+        # logged (the others got the end of the run; see FanOut).
+        try:
+            self.listener.run_finished(self.run)
+        except Exception:  # noqa: BLE001
+            log.exception("run %s: a listener failed at the end of the run", self.run.run_id)
 
     def _not_run(self) -> list[str]:
         """The flow's declared tasks (in call order) that no call ran."""
@@ -381,6 +466,33 @@ class FlowRun:
             lines = self._flow_dumps.feed(lines)  # a crash dump of the flow process
         if lines:
             self.listener.task_output(self.run, None, stream, lines)
+
+
+def _flow_lost(flow: ChildProcess) -> tuple[Kind, str] | None:
+    """Why a task must stop because its flow process is gone; None while it runs."""
+    if flow.running:
+        return None
+    info = flow.exit or ExitInfo(None)
+    if info.server_died:
+        return Kind.FLOW_LOST, f"the fork server died ({info.server_died})"
+    how = (f"killed by {_signal_words(info.signal)}" if info.signal
+           else f"exited with code {info.code}")
+    return Kind.FLOW_LOST, f"the flow process is gone ({how})"
+
+
+def _signal_words(signum: int) -> str:
+    """"SIGKILL" for a kill, "SIGSEGV (segmentation fault)" for a crash."""
+    return "SIGKILL" if signum == signal.SIGKILL else describe_signal(signum)
+
+
+def _describe(exc: BaseException) -> str:
+    """What broke and where: "KeyError: 'x' (in flow_run.py:120 _call_task)"."""
+    origin = exc.__cause__ or exc
+    frames = [f for f in traceback.extract_tb(origin.__traceback__)
+              if not f.filename.endswith("fault_injection.py")]
+    where = f" (in {Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name})" \
+        if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def _option(meta: dict[str, Any], name: str, default: Any) -> Any:

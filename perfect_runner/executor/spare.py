@@ -28,8 +28,8 @@ class WarmSpare:
 
     def prepare(self) -> None:
         """Start the next spare, unless one is waiting already."""
-        if self._child is not None:
-            return
+        if self._child is not None or not self.launcher.running:
+            return  # no fork server now: a call starts its own once one is back
         try:
             # Deferred: we do not wait for the fork server's answer now (the task that
             # just started may finish meanwhile); it is read when the spare is taken.

@@ -156,9 +156,7 @@ class ForkServer:
             reply.close()
             return
         if pid == 0:
-            self.control.close()
-            reply.close()
-            self.start_child(config, *fds)
+            self._become_child(config, fds, reply)
         for fd in fds:
             close_quietly(fd)
         self.children[pid] = reply
@@ -167,6 +165,20 @@ class ForkServer:
             _send(reply, {"op": "spawned", "pid": pid}, [pidfd])
         finally:
             os.close(pidfd)
+
+    def _become_child(self, config: ChildConfig, fds: list[int], reply: socket.socket) -> None:
+        """The forked child's only path: it never returns into the server's loop.
+
+        `start_child` ends in `os._exit` itself; this `finally` covers whatever
+        fails before or inside it, so a child can never become a second server
+        reading the control socket (Airflow's supervisor ends its fork the same way).
+        """
+        try:
+            self.control.close()
+            reply.close()
+            self.start_child(config, *fds)
+        finally:
+            os._exit(EXIT_BOOTSTRAP)
 
     def _on_sigchld(self) -> bool:
         drain_pipe(self.wake_r)

@@ -1,17 +1,24 @@
-"""Starting flow and task processes: the fork server, or a fresh interpreter each.
+"""One fork server process, and the handles of the children it starts.
 
-Control-process side. A launcher hands back a `ChildHandle` per child: its pid,
-a pidfd that becomes readable when the child exits (the supervisor waits on
-it, not on pipe EOF, which grandchildren can hold open), and the exit status.
+Control-process side. `ServerProcess` is one running fork server (see
+`forkserver`): a request hands back a `PendingChild`, whose answer is a
+`ChildHandle`: its pid, a pidfd that becomes readable when the child exits
+(the supervisor waits on it, not on pipe EOF, which grandchildren can hold
+open), and the exit status. `healing.HealingLauncher` keeps one running and
+starts a new one when it dies.
 
-Both start methods go through our own fork server (see `forkserver`), which
-stays the parent of every child: it reaps them, reports their exit status and
-kills what they leave behind.
+Both start methods go through our own fork server, which stays the parent of
+every child: it reaps them, reports their exit status and kills what they
+leave behind.
 
 - "forkserver" (default): children are forked from the server, which
   preloaded the flows modules: about a millisecond, no re-import.
 - "spawn": each forked child execs a new interpreter that imports the flows
   modules itself; slower, but nothing is shared.
+
+Every flow and task process dies with the fork server that forked it
+(parent-death signal), so when a server dies, the exit status of its
+children is lost: their `ExitInfo` then says how the server died instead.
 
 Nothing here imports user code.
 """
@@ -33,18 +40,28 @@ from .oskit import close_quietly
 
 START_METHODS = ("forkserver", "spawn")
 MAX_REPLY = 4096
+DEATH_WAIT = 2.0  # seconds to learn how a server whose sockets closed has died
 
 
 class LaunchError(Exception):
     """The flows modules could not be loaded, or a child could not be started."""
 
 
+class ServerGone(LaunchError):
+    """The fork server this request went to is dead."""
+
+
 @dataclass(frozen=True)
 class ExitInfo:
-    """How a child ended: raw wait status (None when unknown) and peak RSS."""
+    """How a child ended: raw wait status (None when unknown) and peak RSS.
+
+    `server_died` says how the fork server died ("killed by SIGKILL") when the
+    child died with it and its own status is therefore unknown.
+    """
 
     status: int | None
     maxrss: int = 0
+    server_died: str = ""
 
     @property
     def signal(self) -> int | None:
@@ -57,6 +74,18 @@ class ExitInfo:
         if self.status is not None and os.WIFEXITED(self.status):
             return os.WEXITSTATUS(self.status)
         return None
+
+
+def how_it_ended(returncode: int | None) -> str:
+    """A Popen return code in words: "killed by SIGKILL", "exited with code 3"."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
 
 
 class ChildHandle(Protocol):
@@ -72,22 +101,23 @@ class ChildHandle(Protocol):
 
 class Launcher(Protocol):
     metadata: dict[str, Any]
-    server_pid: int | None
 
-    def spawn(self, config: ChildConfig, fds: tuple[int, int, int]) -> ChildHandle:
-        """Start a child whose fds 1/2 and channel are the given fds."""
+    @property
+    def server_pid(self) -> int | None:
+        """The running fork server's pid; None while there is none."""
+
+    @property
+    def running(self) -> bool:
+        """A fork server is up and takes requests."""
+
+    def wait_running(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for a fork server to be up; whether one is."""
 
     def request(self, config: ChildConfig, fds: tuple[int, int, int]) -> PendingChild:
-        """The same, without waiting for the answer."""
+        """Start a child whose fds 1/2 and channel are the given fds; answer later."""
 
     def close(self) -> None:
         """Stop the launcher; every child it started dies."""
-
-
-def start_launcher(method: str, modules: list[str], env: dict[str, str]) -> Launcher:
-    if method in START_METHODS:
-        return ForkServerLauncher(modules, env, exec_children=method == "spawn")
-    raise LaunchError(f"unknown start method {method!r}: use one of {', '.join(START_METHODS)}")
 
 
 def _server_command(modules: list[str], meta_fd: int, extra: list[str]) -> list[str]:
@@ -113,7 +143,9 @@ def _read_metadata(meta_r: int, proc: subprocess.Popen) -> dict[str, Any]:
     return data
 
 
-class ForkServerLauncher:
+class ServerProcess:
+    """One fork server: started with the flows modules loaded, or LaunchError."""
+
     def __init__(self, modules: list[str], env: dict[str, str],
                  exec_children: bool = False) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -127,12 +159,15 @@ class ForkServerLauncher:
         os.close(meta_w)
         child_end.close()
         self.control = parent_end
-        self.server_pid: int | None = self.proc.pid
-        self.metadata = _read_metadata(meta_r, self.proc)
+        self.pid = self.proc.pid
+        self.dead = threading.Event()  # set by its reaper (`mark_dead`)
+        self.how = ""  # how it ended, once `dead` is set
         self._send_lock = threading.Lock()
-
-    def spawn(self, config: ChildConfig, fds: tuple[int, int, int]) -> ChildHandle:
-        return self.request(config, fds).wait()
+        try:
+            self.metadata = _read_metadata(meta_r, self.proc)
+        except BaseException:
+            self.control.close()
+            raise
 
     def request(self, config: ChildConfig, fds: tuple[int, int, int]) -> PendingChild:
         """Ask for a child and return at once; `wait()` on the answer later."""
@@ -146,12 +181,24 @@ class ForkServerLauncher:
                 socket.send_fds(self.control, [message], [*fds, reply_child.fileno()])
         except OSError as exc:
             reply.close()
-            raise LaunchError(f"fork server is gone: {exc}") from None
+            raise ServerGone(f"fork server is gone: {exc}") from None
         finally:
             reply_child.close()
-        return PendingChild(reply)
+        return PendingChild(reply, self)
+
+    def mark_dead(self, how: str) -> None:
+        """Its reaper says how it ended; its control socket is closed."""
+        self.how = how
+        self.dead.set()
+        with self._send_lock:  # not under a request's feet
+            self.control.close()
+
+    def death(self, timeout: float = DEATH_WAIT) -> str:
+        """How it died, once its reaper knows (empty if it is not known to be dead)."""
+        return self.how if self.dead.wait(timeout) else ""
 
     def close(self) -> None:
+        """Close the control socket (the server kills its children and exits); reap it."""
         try:
             self.control.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -167,39 +214,49 @@ class ForkServerLauncher:
 class PendingChild:
     """A spawn request on its way: the fork server answers on `reply`."""
 
-    def __init__(self, reply: socket.socket) -> None:
+    def __init__(self, reply: socket.socket, server: ServerProcess) -> None:
         self.reply = reply
+        self.server = server
 
     def wait(self) -> ChildHandle:
         try:
             data, pidfds, _, _ = socket.recv_fds(self.reply, MAX_REPLY, 1)
         except OSError:
             data, pidfds = b"", []
-        answer = json.loads(data) if data else {"op": "spawn_failed", "error": "fork server exited"}
+        if not data:
+            self.reply.close()
+            how = self.server.death()
+            raise ServerGone(f"the fork server died ({how or 'exit status unknown'})")
+        answer = json.loads(data)
         if answer["op"] != "spawned" or not pidfds:
             self.reply.close()
             raise LaunchError(f"could not start a child process: {answer.get('error')}")
-        return _ForkedChild(answer["pid"], pidfds[0], self.reply)
+        return _ForkedChild(answer["pid"], pidfds[0], self.reply, self.server)
 
     def cancel(self) -> None:
         self.reply.close()  # the server's answers go nowhere; it still reaps the child
 
 
 class _ForkedChild:
-    def __init__(self, pid: int, pidfd: int, reply: socket.socket) -> None:
+    def __init__(self, pid: int, pidfd: int, reply: socket.socket,
+                 server: ServerProcess) -> None:
         self.pid = pid
         self.pidfd = pidfd
         self.reply = reply
+        self.server = server
 
     def exit_info(self, timeout: float) -> ExitInfo:
         """The fork server reaps the child and sends its status on the reply socket."""
         self.reply.settimeout(timeout)
         try:
             data = self.reply.recv(MAX_REPLY)
+        except TimeoutError:
+            return ExitInfo(None)  # the server lives but did not say: status unknown
         except OSError:
             data = b""
         if not data:
-            return ExitInfo(None)
+            # No status: the server closed our reply socket by dying, and we died with it.
+            return ExitInfo(None, server_died=self.server.death())
         answer = json.loads(data)
         return ExitInfo(answer["status"], answer.get("maxrss", 0))
 

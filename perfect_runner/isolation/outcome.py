@@ -31,6 +31,8 @@ class Kind(StrEnum):
     WORKER_STOPPED = "worker stopped"
     START_FAILED = "start failed"
     PROTOCOL = "protocol error"
+    FLOW_LOST = "flow lost"  # its flow process died: nobody wants the result any more
+    RUNNER_FAULT = "runner fault"  # the control process failed while handling the run
 
 
 @dataclass
@@ -97,6 +99,8 @@ def _raised(o: Outcome) -> str:
 
 
 def _exited(o: Outcome) -> str:
+    if o.exit and o.exit.server_died:
+        return f"the fork server died ({o.exit.server_died}); the task process died with it"
     code = o.exit.code if o.exit else None
     if code == EXIT_BOOTSTRAP:
         return "the runner could not start the task in its process (see stderr)"
@@ -139,4 +143,6 @@ _NOTES = {
     Kind.INTERRUPTED: lambda o: f"{INTERRUPTED_BY}{o.detail}",
     Kind.START_FAILED: lambda o: f"could not start: {o.detail}",
     Kind.PROTOCOL: lambda o: f"broke the runner protocol: {o.detail}",
+    Kind.FLOW_LOST: lambda o: f"stopped: {o.detail}",
+    Kind.RUNNER_FAULT: lambda o: f"stopped: {o.detail}",
 }

@@ -92,7 +92,10 @@ class TaskSupervisor:
                  limits: TaskLimits, on_output: OutputHandler,
                  on_tick: Callable[[float | None], None], tick_interval: float,
                  cancel_reason: Callable[[], tuple[Kind, str] | None],
-                 full_tracebacks: bool = False) -> None:
+                 full_tracebacks: bool = False,
+                 fault: Callable[[str], None] | None = None) -> None:
+        """`cancel_reason` says why to stop the task now (or None); `fault` is the
+        test-only fault hook (see `fault_injection`)."""
         self.launcher = launcher
         self.loop = loop
         self.limits = limits
@@ -100,6 +103,7 @@ class TaskSupervisor:
         self.on_tick = on_tick
         self.tick_interval = tick_interval
         self.cancel_reason = cancel_reason
+        self.fault = fault or (lambda place: None)
         self.reported_progress: float | None = None
         self.peak_rss = 0
         self.forced: tuple[Kind, str] | None = None
@@ -164,6 +168,7 @@ class TaskSupervisor:
                 self._act(child, time.monotonic())
 
     def _act(self, child: ChildProcess, now: float) -> None:
+        self.fault("supervisor.watch")
         for name in self.deadlines.due(now):
             getattr(self, f"_on_{name}")(child, now)
         reason = self.cancel_reason()

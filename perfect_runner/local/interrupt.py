@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -36,8 +37,8 @@ def exit_code(signum: int) -> int:
 class Interruption:
     """Installed around the local runs (main thread only); `signum` is the first signal."""
 
-    def __init__(self, server_pid: int | None) -> None:
-        self.server_pid = server_pid
+    def __init__(self, server_pid: Callable[[], int | None]) -> None:
+        self.server_pid = server_pid  # the fork server running now (it may be replaced)
         self.signum: int | None = None
         self._run: FlowRun | None = None
         self._previous: dict[int, Any] = {}
@@ -73,8 +74,9 @@ class Interruption:
     def _stop_now(self, signum: int) -> None:
         _say(f"{_HOW[signum]} again: stopping now")
         try:
-            if self.server_pid:
-                kill_tree(self.server_pid)
+            server = self.server_pid()
+            if server:
+                kill_tree(server)
         finally:
             os._exit(exit_code(signum))
 

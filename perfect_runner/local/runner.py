@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import TextIO
 
 from ..executor.engine import FlowExecutor
-from ..executor.events import FanOut
+from ..executor.events import FanOut, RunListener
+from ..executor.failed_run import report_failed_run
 from ..executor.records import RunRecord
+from ..fault_injection import fault_point
 from ..textsafe import clean_block, clean_text
 from .interrupt import Interruption
 from .logfile import LogFileListener
 from .report_html import write_reports
 from .terminal_view import TerminalView
+
+log = logging.getLogger("perfect_runner.local")
 
 
 def list_flows(executor: FlowExecutor, out: TextIO = sys.stdout) -> None:
@@ -34,22 +39,21 @@ def run_locally(executor: FlowExecutor, flow_names: list[str], log_dir: str, rep
     """Run each flow in turn; print where its log and reports are.
 
     Returns the records and the signal that interrupted the runs (None if none did).
+    A failure while handling one run fails that run (with its report) and the
+    next ones still run: see `FlowRun.execute` and `report_failed_run`.
     """
     view = TerminalView(out)
     records: list[RunRecord] = []
-    with Interruption(executor.launcher.server_pid) as stop:
+    # The fork server may be replaced during the runs (see isolation.healing).
+    with Interruption(lambda: executor.launcher.server_pid) as stop:
         for name in flow_names:
             if stop.signum is not None:
                 break
-            run = executor.new_run(name, FanOut(LogFileListener(log_dir, max_log_bytes), view))
-            stop.attach(run)
-            try:
-                record = run.execute()
-            finally:
-                stop.attach(None)
-            html, json_path = write_reports(record, reports_dir)
-            out.write(f"{clean_text(record.flow_name)}: {record.state}  report: {html}  "
-                      f"record: {json_path}  log: {record.log_path}\n")
+            record = _run_one(executor, name,
+                              FanOut(LogFileListener(log_dir, max_log_bytes), view), stop)
+            where = _write_reports(record, reports_dir)
+            out.write(f"{clean_text(record.flow_name)}: {record.state}  {where}  "
+                      f"log: {record.log_path}\n")
             out.flush()
             records.append(record)
         skipped = flow_names[len(records):]
@@ -58,3 +62,36 @@ def run_locally(executor: FlowExecutor, flow_names: list[str], log_dir: str, rep
                       + ", ".join(repr(clean_text(name)) for name in skipped) + "\n")
             out.flush()
     return records, stop.signum
+
+
+def _run_one(executor: FlowExecutor, name: str, listener: RunListener,
+             stop: Interruption) -> RunRecord:
+    try:
+        run = executor.new_run(name, listener)
+    except Exception as exc:  # noqa: BLE001 - this run fails, the next ones run
+        log.exception("run of %r could not be started", name)
+        note = f"the runner failed while starting this run: {type(exc).__name__}: {exc}"
+        return report_failed_run(listener, name, note)
+    stop.attach(run)
+    try:
+        return run.execute()
+    finally:
+        stop.attach(None)
+
+
+def _write_reports(record: RunRecord, reports_dir: str) -> str:
+    """Write the run's reports; if that fails, the run is FAILED and written again."""
+    try:
+        fault_point("local.report", record.flow_name, record.run_id)
+        html, json_path = write_reports(record, reports_dir)
+        return f"report: {html}  record: {json_path}"
+    except Exception as exc:  # noqa: BLE001 - the next runs still go on
+        log.exception("could not write the report of run %s", record.run_id)
+        record.state = "FAILED"
+        record.note = (f"the runner failed while writing this run's report: "
+                       f"{type(exc).__name__}: {exc}")
+    try:
+        html, json_path = write_reports(record, reports_dir)
+        return f"report: {html}  record: {json_path}"
+    except Exception as exc:  # noqa: BLE001
+        return f"report NOT written ({type(exc).__name__}: {exc})"

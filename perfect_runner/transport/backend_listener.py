@@ -39,11 +39,13 @@ class BackendListener(NullListener):
         client: PerfectAPIClient,
         *,
         on_cancel: Callable[[str], None] | None = None,
+        on_fault: Callable[[str, str], None] | None = None,
         **sender_options: Any,
     ) -> None:
         """`sender_options` go to each `RunSender` (log_rate, max_log_entries...)."""
         self.client = client
         self.on_cancel = on_cancel
+        self.on_fault = on_fault
         self.sender_options = sender_options
         self._senders: dict[str, RunSender] = {}
         self._lock = threading.Lock()
@@ -60,6 +62,8 @@ class BackendListener(NullListener):
             run.run_id,
             log_path=run.log_path,
             on_cancel=self.on_cancel,
+            on_fault=self.on_fault,
+            flow_name=run.flow_name,
             **self.sender_options,
         )
         with self._lock:

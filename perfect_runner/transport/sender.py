@@ -30,6 +30,9 @@ Rules (each one protects the backend or the user's view of the run):
   Other 4xx → log once, drop that item, go on.
 - Nothing is accepted after `complete`; after a crucial FAILED update only log
   lines and the complete are.
+- A failure of ours while delivering an item (an exception, not an HTTP answer)
+  does not end the thread: it is logged, `on_fault(run_id, note)` fails the run
+  (once), the item is tried once more, then dropped and counted.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..fault_injection import fault_point
 from .api import ApiResult, ApiStatus, PerfectAPIClient
 
 log = logging.getLogger("perfect_runner.transport")
@@ -77,6 +81,8 @@ class RunSender:
         *,
         log_path: str | None = None,
         on_cancel: Callable[[str], None] | None = None,
+        on_fault: Callable[[str, str], None] | None = None,
+        flow_name: str = "",
         log_rate: float = 20.0,
         max_log_entries: int = 2000,
         progress_interval: float = 0.5,
@@ -90,6 +96,9 @@ class RunSender:
         self.run_id = run_id
         self.log_path = log_path
         self.on_cancel = on_cancel
+        self.on_fault = on_fault
+        self.flow_name = flow_name  # only for the test-only fault hook
+        self._faulted = False
         self.log_rate = log_rate
         self.max_log_entries = max(1, max_log_entries)
         self.progress_interval = progress_interval
@@ -272,7 +281,7 @@ class RunSender:
                 item = self._next_item()
                 if item is None:
                     return
-                self._deliver(item)
+                self._deliver_contained(item)
         except Exception:  # a sender bug must not pass silently
             log.exception("run %s: backend sender crashed", self.run_id)
         finally:
@@ -376,6 +385,30 @@ class RunSender:
             self._logged.discard("down")
             log.info("run %s: backend reachable again", self.run_id)
         self._handle(item, result)
+
+    def _deliver_contained(self, item: _Item) -> None:
+        for attempt in (1, 2):
+            try:
+                fault_point("sender.deliver", self.flow_name, self.run_id)
+                self._deliver(item)
+                return
+            except Exception as exc:  # noqa: BLE001 - a bug of ours fails the run, not the thread
+                log.exception("run %s: delivering %s failed (attempt %d)", self.run_id,
+                              self._describe(item), attempt)
+                self._fault(f"delivering {self._describe(item)} to the backend raised "
+                            f"{type(exc).__name__}: {exc}")
+        self.discarded_items += 1
+        log.error("run %s: %s dropped after 2 failed attempts", self.run_id,
+                  self._describe(item))
+
+    def _fault(self, note: str) -> None:
+        if self._faulted or self.on_fault is None:
+            return
+        self._faulted = True
+        try:
+            self.on_fault(self.run_id, note)
+        except Exception:  # noqa: BLE001
+            log.exception("run %s: on_fault callback failed", self.run_id)
 
     def _send(self, item: _Item) -> ApiResult:
         if item.kind in (_LOG, _DROPPED, _NOTICE):
