@@ -149,7 +149,8 @@ def test_reports_are_written_and_the_json_record_round_trips(tmp_path: Path) -> 
     assert record["task_count"] == 3
     assert record["tasks"][2]["table"] == [{"nan": "NaN", "set": [1]}]
     assert record["tasks"][0]["table"][1]["breakdown"] == {"north": 1, "<b>": [1, 2]}
-    assert render_html(record) == html_path.read_text(encoding="utf-8")
+    links = {"json": json_path.name, "index": "index.html"}
+    assert render_html(record, links) == html_path.read_text(encoding="utf-8")
 
 
 # --- terminal view -------------------------------------------------------------------
@@ -186,6 +187,7 @@ def test_plain_view_prints_one_line_per_event_and_a_summary() -> None:
         "        ValueError: bad",
         "<-- #1 task_1 FAILED in 1.5 s: timed out after 1 s",
         "==> Daily Sales ETL: run run-abc123 FAILED in 3.0 s",
+        "    2 task calls: 1 passed, 1 failed, 0 not run",
         "    #  task    state      duration  peak mem  note",
         "    0  task_0  COMPLETED  1.5 s     48.0 MiB  Extracted 1000 rows",
         "    1  task_1  FAILED     1.5 s     -         timed out after 1 s",

@@ -41,6 +41,7 @@ class FlowExecutor:
         record = RunRecord(
             run_id=run_id, flow_name=flow_name,
             description=flow.get("description", ""), tags=dict(flow.get("tags") or {}),
+            declared_tasks=[task["name"] for task in self.flow_tasks(flow_name)],
         )
         return FlowRun(record, flow, self.tasks, self.launcher, listener, self.options)
 

@@ -50,7 +50,7 @@ from ..isolation.supervisor import TaskSupervisor
 from ..isolation.tracebacks import StackDumpFilter
 from .events import GuardedListener, RunListener
 from .options import RunOptions
-from .records import RunRecord, TaskRecord
+from .records import AttemptSpan, RunRecord, TaskRecord, shown_state
 from .spare import WarmSpare
 from .task_setup import process_setup, task_limits, task_workdir
 
@@ -250,11 +250,18 @@ class FlowRun:
 
         request = RunTask(key=call.key, name=call.name, index=task.index, attempt=attempt,
                           max_result=self.options.max_result)
+        def output(stream: str, lines: list[str]) -> None:
+            task.keep_output(stream, lines)
+            self.listener.task_output(self.run, task, stream, lines)
+
+        span = AttemptSpan(attempt, time.time())
+        task.attempt_spans.append(span)
+        if attempt > 1:  # where the next attempt's lines start in the report's tail
+            task.keep_output("runner", [f"--- attempt {attempt} ---"])
         with task_workdir(self.options, self.run.run_id, task.index, attempt) as cwd:
             request.setup = process_setup(self.options, limits, cwd)
             supervisor = TaskSupervisor(
-                self.launcher, self.loop, limits,
-                lambda stream, lines: self.listener.task_output(self.run, task, stream, lines),
+                self.launcher, self.loop, limits, output,
                 tick, self.options.progress_interval, stop_reason,
                 full_tracebacks=self.options.full_tracebacks, fault=self._fault,
             )
@@ -263,6 +270,8 @@ class FlowRun:
                                          self.spare.prepare)
             finally:
                 self._retire(supervisor.leftover)
+        span.ended_at, span.note = time.time(), outcome.note()
+        span.state = shown_state("COMPLETED" if outcome.passed else "FAILED", span.note)
         task.traceback = outcome.traceback
         # A stack dump is on the task's stderr already; a raised exception's traceback
         # is only in its final frame.

@@ -7,8 +7,27 @@ record in local mode.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from ..isolation.outcome import INTERRUPTED_BY
+
+NOT_RUN = "NOT RUN"
+OUTPUT_TAIL_LINES = 20
+OUTPUT_TAIL_CHARS = 500
+
+
+@dataclass
+class AttemptSpan:
+    """When one attempt of a task call ran and how it ended (COMPLETED or FAILED;
+    RUNNING while it runs)."""
+
+    attempt: int
+    started_at: float
+    ended_at: float | None = None
+    state: str = "RUNNING"
+    note: str = ""
 
 
 @dataclass
@@ -31,6 +50,15 @@ class TaskRecord:
     attempts: int = 0
     started_at: float | None = None
     ended_at: float | None = None
+    attempt_spans: list[AttemptSpan] = field(default_factory=list)
+    # The last lines the task printed, as (stream, line) pairs: what a report shows.
+    # stream is "stdout", "stderr", or "runner" for a line marking the next attempt.
+    output_tail: list[tuple[str, str]] = field(default_factory=list)
+
+    def keep_output(self, stream: str, lines: list[str]) -> None:
+        """Remember the last OUTPUT_TAIL_LINES lines (each cut to OUTPUT_TAIL_CHARS)."""
+        fresh = [(stream, line[:OUTPUT_TAIL_CHARS]) for line in lines[-OUTPUT_TAIL_LINES:]]
+        self.output_tail = (self.output_tail + fresh)[-OUTPUT_TAIL_LINES:]
 
     def result_dict(self) -> dict[str, Any]:
         """The `result` object of the backend's state update."""
@@ -49,6 +77,8 @@ class RunRecord:
     flow_name: str
     description: str = ""
     tags: dict[str, str] = field(default_factory=dict)
+    # The flow's tasks as read from its source (each named once, in call order).
+    declared_tasks: list[str] = field(default_factory=list)
     state: str = "RUNNING"
     note: str = ""
     tasks: list[TaskRecord] = field(default_factory=list)
@@ -61,7 +91,40 @@ class RunRecord:
     def task_count(self) -> int:
         return len(self.tasks)
 
+    def tasks_not_called(self) -> list[str]:
+        """The declared tasks no call has run (yet, while the run goes on)."""
+        return not_run_names(self.declared_tasks, (task.name for task in self.tasks))
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["task_count"] = self.task_count
         return data
+
+
+def not_run_names(declared: Iterable[str], called: Iterable[str]) -> list[str]:
+    """The declared tasks the run never called (after a crucial failure, a skipped
+    branch, an interrupted run), in declared order."""
+    seen = set(called)
+    return [name for name in declared if name not in seen]
+
+
+def shown_state(state: str, note: str) -> str:
+    """A task's state as a person should read it: a task stopped by Ctrl-C or SIGTERM is
+    FAILED for the record and the backend, but it is not the task's fault."""
+    if state == "FAILED" and note.startswith(INTERRUPTED_BY):
+        return "INTERRUPTED"
+    return state
+
+
+def tally(states: Iterable[str], not_run: int = 0) -> dict[str, int]:
+    """How many task calls passed, failed, did not run, and anything else ("running",
+    "interrupted"...), in that order; the first three are always present."""
+    counts = {"passed": 0, "failed": 0, "not run": not_run}
+    for state in states:
+        key = _TALLY_KEYS.get(str(state).upper(), str(state).lower())
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+_TALLY_KEYS = {"COMPLETED": "passed", "FAILED": "failed", NOT_RUN: "not run",
+               "NOT_RUN": "not run"}

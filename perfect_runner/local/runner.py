@@ -15,6 +15,7 @@ from ..textsafe import clean_block, clean_text
 from .interrupt import Interruption
 from .logfile import LogFileListener
 from .report_html import write_reports
+from .report_index import Index, write_index
 from .terminal_view import TerminalView
 
 log = logging.getLogger("perfect_runner.local")
@@ -44,6 +45,7 @@ def run_locally(executor: FlowExecutor, flow_names: list[str], log_dir: str, rep
     """
     view = TerminalView(out)
     records: list[RunRecord] = []
+    index: Index | str | None = None
     # The fork server may be replaced during the runs (see isolation.healing).
     with Interruption(lambda: executor.launcher.server_pid) as stop:
         for name in flow_names:
@@ -52,6 +54,7 @@ def run_locally(executor: FlowExecutor, flow_names: list[str], log_dir: str, rep
             record = _run_one(executor, name,
                               FanOut(LogFileListener(log_dir, max_log_bytes), view), stop)
             where = _write_reports(record, reports_dir)
+            index = _write_index(reports_dir)
             out.write(f"{clean_text(record.flow_name)}: {record.state}  {where}  "
                       f"log: {record.log_path}\n")
             out.flush()
@@ -61,6 +64,8 @@ def run_locally(executor: FlowExecutor, flow_names: list[str], log_dir: str, rep
             out.write(f"{stop.reason}: {len(skipped)} flow(s) not run: "
                       + ", ".join(repr(clean_text(name)) for name in skipped) + "\n")
             out.flush()
+    if index is not None:
+        _print_index(index, out)
     return records, stop.signum
 
 
@@ -95,3 +100,25 @@ def _write_reports(record: RunRecord, reports_dir: str) -> str:
         return f"report: {html}  record: {json_path}"
     except Exception as exc:  # noqa: BLE001
         return f"report NOT written ({type(exc).__name__}: {exc})"
+
+
+def _write_index(reports_dir: str) -> Index | str:
+    """Rewrite reports/index.html; if that fails, say why: the runs are not affected."""
+    try:
+        return write_index(reports_dir)
+    except Exception as exc:  # noqa: BLE001 - the reports of each run are written already
+        log.exception("could not write the index of %s", reports_dir)
+        return f"index NOT written ({type(exc).__name__}: {exc})"
+
+
+def _print_index(index: Index | str, out: TextIO) -> None:
+    if isinstance(index, str):
+        out.write(f"All runs: {index}\n")
+    else:
+        out.write(f"All runs: {index.path} ({index.runs} runs)\n")
+    if not isinstance(index, str) and index.skipped:
+        names = ", ".join(clean_text(name) for name, _ in index.skipped[:5])
+        more = f" and {len(index.skipped) - 5} more" if len(index.skipped) > 5 else ""
+        out.write(f"    {len(index.skipped)} JSON files in {index.path.parent} are not run "
+                  f"records and are not listed: {names}{more} (reasons in the index)\n")
+    out.flush()

@@ -36,8 +36,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 from ..executor.events import NullListener
-from ..executor.records import RunRecord, TaskRecord
-from ..isolation.outcome import INTERRUPTED_BY
+from ..executor.records import RunRecord, TaskRecord, shown_state, tally
 from ..textsafe import clean_lines, clean_text
 from .report_html import cell_text, format_bytes, format_duration, table_columns
 
@@ -366,9 +365,12 @@ def block_lines(runs: list[RunRecord], width: int, color: bool = False) -> list[
     lines: list[str] = []
     for run in runs:
         done = sum(task.state in _FINISHED for task in run.tasks)
+        # A task called in a loop has one record per call: the calls made so far plus
+        # the declared tasks not called yet, never fewer than are done.
+        expected = len(run.tasks) + len(run.tasks_not_called())
         elapsed = _elapsed_ms(run.started_at, None)
         header = (f"{clean_text(run.flow_name)} ({clean_text(run.run_id)})  "
-                  f"{done}/{len(run.tasks)} tasks  {format_duration(elapsed)}")
+                  f"{done}/{expected} tasks  {format_duration(elapsed)}")
         lines.append(_clip(header, width - 1))
         lines.extend(_task_window(run.tasks, width, color))
     return lines
@@ -413,7 +415,7 @@ def summary_lines(run: RunRecord) -> list[str]:
     """The end-of-run summary: task table, result tables, log file."""
     duration = format_duration(_elapsed_ms(run.started_at, run.ended_at))
     lines = [f"==> {clean_text(run.flow_name)}: run {clean_text(run.run_id)} "
-             f"{run.state} in {duration}"]
+             f"{run.state} in {duration}", counts_line(run)]
     if run.note:
         lines += [f"    {line}" for line in clean_lines(run.note)[:MAX_NOTE_LINES]]
     rows = [
@@ -439,10 +441,7 @@ def summary_lines(run: RunRecord) -> list[str]:
 
 
 def _shown_state(task: TaskRecord) -> str:
-    # Stopped by Ctrl-C or SIGTERM: FAILED for the record, but not the task's fault.
-    if task.state == "FAILED" and task.note.startswith(INTERRUPTED_BY):
-        return "INTERRUPTED"
-    return task.state
+    return shown_state(task.state, task.note)
 
 
 def traceback_lines(run: RunRecord) -> list[str]:
@@ -456,6 +455,18 @@ def traceback_lines(run: RunRecord) -> list[str]:
         if len(body) > MAX_TRACEBACK_LINES:
             lines.append(f"    ... {len(body) - MAX_TRACEBACK_LINES} more lines (see log file)")
     return lines
+
+
+def counts_line(run: RunRecord) -> str:
+    """'5 task calls: 3 passed, 1 failed, 1 not run (publish)'."""
+    not_run = run.not_run
+    counts = tally((_shown_state(task) for task in run.tasks), len(not_run))
+    calls = "task call" if len(run.tasks) == 1 else "task calls"
+    text = ", ".join(f"{number} {label}" for label, number in counts.items())
+    if not_run:
+        names = ", ".join(clean_text(name) for name in not_run[:10])
+        text += f" ({names}{', ...' if len(not_run) > 10 else ''})"
+    return f"    {len(run.tasks)} {calls}: {text}"
 
 
 def format_table(rows: list[Any], max_cell: int = MAX_CELL_CHARS) -> list[str]:
