@@ -57,7 +57,9 @@ def test_terminal_view_and_final_line_are_cleaned(tmp_path: Path) -> None:
     assert not DRIVES_TERMINAL.search(result.stderr), repr(result.stderr)
     assert "cleared screen red" in result.stdout and "bidi evil end" in result.stdout
     assert "bad note" in result.stdout
-    assert result.stdout.splitlines()[-1].startswith("Hostile: FAILED  report: ")
+    # The run's own line, then the index's.
+    *_, final, index = result.stdout.splitlines()
+    assert final.startswith("Hostile: FAILED  report: ") and index.startswith("All runs: ")
 
 
 def test_worker_log_entries_are_cleaned_and_cannot_be_forged(fake, tmp_path: Path) -> None:
