@@ -467,6 +467,8 @@ def test_an_interrupted_run_reports_interrupted_and_not_run_tasks(tmp_path: Path
     html = report_of(tmp_path, "Nightly")
     page = parse(html)
 
+    summary = (tmp_path / "out.txt").read_text()
+    assert "    2 task calls: 1 passed, 0 failed, 1 not run (publish), 1 interrupted" in summary
     assert counts(page) == {"passed": 1, "failed": 0, "not run": 1, "interrupted": 1}
     assert not page.find("div", "failed-list")  # Ctrl-C is not the task's failure
     (reason,) = page.find("div", "reason")

@@ -462,11 +462,11 @@ def counts_line(run: RunRecord) -> str:
     not_run = run.not_run
     counts = tally((_shown_state(task) for task in run.tasks), len(not_run))
     calls = "task call" if len(run.tasks) == 1 else "task calls"
-    text = ", ".join(f"{number} {label}" for label, number in counts.items())
-    if not_run:
+    parts = [f"{number} {label}" for label, number in counts.items()]
+    if not_run:  # named right after their count
         names = ", ".join(clean_text(name) for name in not_run[:10])
-        text += f" ({names}{', ...' if len(not_run) > 10 else ''})"
-    return f"    {len(run.tasks)} {calls}: {text}"
+        parts[2] += f" ({names}{', ...' if len(not_run) > 10 else ''})"
+    return f"    {len(run.tasks)} {calls}: {', '.join(parts)}"
 
 
 def format_table(rows: list[Any], max_cell: int = MAX_CELL_CHARS) -> list[str]:
