@@ -226,7 +226,8 @@ def _task_row(anchor: str, task: dict[str, Any]) -> str:
 
 
 def _task_section_html(anchor: str, task: dict[str, Any], run: dict[str, Any]) -> str:
-    failed = _is_failed(task)
+    # Where a failed or interrupted task was is worth seeing without a click.
+    failed = str(task.get("state", "")).upper() in {"FAILED", "INTERRUPTED"}
     facts = [
         ("Duration", text(format_duration(task.get("duration_ms")))),
         ("Peak memory", text(format_bytes(task.get("peak_rss")))),
