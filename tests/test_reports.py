@@ -356,6 +356,16 @@ def test_index_lists_every_run_newest_first_and_skips_foreign_json(
     check_links(page, reports)
 
 
+def test_an_index_that_cannot_be_written_costs_no_run(flows_file: Path, tmp_path: Path) -> None:
+    (tmp_path / "reports" / "index.html").mkdir(parents=True)  # in the way of the rename
+    result = cli(tmp_path, "--flows", str(flows_file), "--run", "Quick Flow")
+    assert result.code == 0, result.stdout + result.stderr
+    assert "Quick Flow: COMPLETED" in result.stdout
+    assert "All runs: index NOT written (IsADirectoryError" in result.stdout
+    assert report_of(tmp_path, "Quick_Flow").is_file()
+    assert not [p for p in (tmp_path / "reports").iterdir() if p.name.endswith(".tmp")]
+
+
 # --- the terminal -------------------------------------------------------------------------
 
 

@@ -114,9 +114,10 @@ def _write_index(reports_dir: str) -> Index | str:
 def _print_index(index: Index | str, out: TextIO) -> None:
     if isinstance(index, str):
         out.write(f"All runs: {index}\n")
-    else:
-        out.write(f"All runs: {index.path} ({index.runs} runs)\n")
-    if not isinstance(index, str) and index.skipped:
+        out.flush()
+        return
+    out.write(f"All runs: {index.path} ({index.runs} runs)\n")
+    if index.skipped:
         names = ", ".join(clean_text(name) for name, _ in index.skipped[:5])
         more = f" and {len(index.skipped) - 5} more" if len(index.skipped) > 5 else ""
         out.write(f"    {len(index.skipped)} JSON files in {index.path.parent} are not run "
