@@ -1,33 +1,39 @@
-"""Ordered, bounded, non-blocking delivery of one run's updates to the backend.
+"""Bounded, non-blocking delivery of one run's updates to the backend.
 
-One `RunSender` per run owns one queue and one thread. The executor side only
-enqueues (`log`, `progress`, `update`, `complete`): that takes a lock for a
+One `RunSender` per run owns its pending items and one thread. The executor side
+only enqueues (`log`, `progress`, `update`, `complete`): that takes a lock for a
 few microseconds and never touches the network, so a task's print never waits
-on a slow backend. The thread delivers items strictly in enqueue order.
+on a slow backend. Only this thread talks to the backend for the run, one
+request at a time.
 
-Rules (each one protects the backend or the user's view of the run):
+Rules (each one protects the user's view of the run or the backend):
 
-- Logs: one entry per line while output is slow. Entries go out at most
-  `log_rate` per second; lines that arrive meanwhile join the pending entry
-  (newline-separated, at most `entry_max_bytes`). Past `max_log_entries`
-  entries per run, output is kept only locally and the backend gets one final
-  entry saying how many lines and where (the last entry slot is reserved for
-  it). Every log POST rewrites the whole run server-side, so this is what
-  keeps a chatty task from slowing the backend quadratically.
-- Progress: RUNNING updates for a task coalesce (a newer pending one merges
-  into the older unsent one, keeping its place) and go out at most once per
-  `progress_interval`; a task's first RUNNING (it may create the task entry
-  server-side) is never dropped. Other state updates never coalesce or move.
-- Bounded memory: the queue holds at most `max_items` items / `max_bytes`
-  bytes of log text. On overflow new log lines are dropped and counted; one
-  entry "N log lines not delivered to the backend; full log at <path>" takes
-  their place in the order. State updates and complete are never dropped.
-- Faults: RETRYABLE → the same item again with capped exponential backoff and
-  jitter. NOT_FOUND on a RUNNING/RETRYING update → the run is no longer
-  wanted: `on_cancel(run_id)`, drop everything, send nothing more. NOT_FOUND
-  on COMPLETED/FAILED/complete → the backend forgot the run: drop everything,
-  and `on_cancel(run_id)` too (nothing more can be reported for it).
-  Other 4xx → log once, drop that item, go on.
+- Terminal states first. States (and `complete`) keep their order among
+  themselves and never wait long behind log lines: a state waits at most
+  `state_wait` seconds for the lines printed before it (sent one per entry if
+  they fit in that time, else joined into one entry); past that, or when they
+  do not fit in one entry, the state goes first and the lines follow it.
+- End of run: once `complete` is queued, the log backlog left becomes at most
+  one entry (the lines themselves if they fit in one entry, else a note saying
+  how many lines and where the full log is), then the states, then complete.
+- Readable logs: while the backend keeps up (see `pacing.Pace`), each line is
+  its own entry, bursts of a few dozen lines included. Lines are joined only
+  when the pending ones cannot go one by one within `max_lag` seconds, and a
+  joined entry starts with "[N lines]". Entries go at most `log_rate` per
+  second after a burst of `log_burst`.
+- Short, bounded backlog: pending log text is capped at what the backend can
+  take in `max_backlog` seconds at its measured pace (and at `max_bytes`). Lines
+  past the cap are dropped and counted; one entry "N log lines not delivered to
+  the backend; full log at <path>" takes their place in the order. Past
+  `max_log_entries` entries per run, output is kept only locally and one last
+  entry says so. A state update and complete are never dropped.
+- Progress: RUNNING updates for a task coalesce (a newer pending one merges into
+  the unsent one) and go out at most once per `progress_interval`; a task's
+  first RUNNING (it may create the task entry server-side) is never dropped.
+- Faults: RETRYABLE -> the same item again with capped exponential backoff and
+  jitter. NOT_FOUND on a state or complete -> the run is no longer wanted (or
+  forgotten): `on_cancel(run_id)`, drop everything, send nothing more. Other
+  4xx -> log once, drop that item, go on.
 - Nothing is accepted after `complete`; after a crucial FAILED update only log
   lines and the complete are.
 - A failure of ours while delivering an item (an exception, not an HTTP answer)
@@ -48,31 +54,34 @@ from typing import Any
 
 from ..fault_injection import fault_point
 from .api import ApiResult, ApiStatus, PerfectAPIClient
+from .backlog import Entry, LogBacklog
+from .pacing import Pace
 
 log = logging.getLogger("perfect_runner.transport")
 
 STATES = frozenset({"PENDING", "RUNNING", "COMPLETED", "FAILED", "RETRYING"})
-_LOG, _DROPPED, _STATE, _COMPLETE, _NOTICE = "log", "dropped", "state", "complete", "notice"
+_LOG, _STATE, _COMPLETE = "log", "state", "complete"
+_EXIT = -1.0  # _choose's wait value: nothing more will ever come
 
 
 @dataclass
 class _Item:
-    """One queued delivery. Log items grow while pending (lines join)."""
+    """One delivery: a log entry, a state update or complete."""
 
     kind: str
-    lines: list[str] = field(default_factory=list)
-    nbytes: int = 0
-    count: int = 0
+    seq: int = 0
+    queued_at: float = 0.0
+    text: str = ""
+    lines: int = 0
     task_index: int = -1
     payload: dict[str, Any] = field(default_factory=dict)
     progress: bool = False
     first: bool = False
     task_count: int = 0
-    text: str = ""
 
 
 class RunSender:
-    """Delivers one run's log lines and state updates, in order, from its own thread."""
+    """Delivers one run's log lines and state updates from its own thread."""
 
     def __init__(
         self,
@@ -84,11 +93,14 @@ class RunSender:
         on_fault: Callable[[str, str], None] | None = None,
         flow_name: str = "",
         log_rate: float = 20.0,
+        log_burst: int = 50,
         max_log_entries: int = 2000,
         progress_interval: float = 0.5,
-        max_items: int = 10_000,
         max_bytes: int = 8 * 1024 * 1024,
         entry_max_bytes: int = 16 * 1024,
+        max_lag: float = 2.0,
+        state_wait: float = 0.5,
+        max_backlog: float = 10.0,
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
     ) -> None:
@@ -99,36 +111,41 @@ class RunSender:
         self.on_fault = on_fault
         self.flow_name = flow_name  # only for the test-only fault hook
         self._faulted = False
-        self.log_rate = log_rate
-        self.max_log_entries = max(1, max_log_entries)
+        self.max_log_entries = max(2, max_log_entries)
         self.progress_interval = progress_interval
-        self.max_items = max_items
         self.max_bytes = max_bytes
         self.entry_max_bytes = max(256, entry_max_bytes)
+        self.max_lag = max_lag
+        self.state_wait = state_wait
+        self.max_backlog = max_backlog
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
 
         self._cond = threading.Condition()
-        self._queue: deque[_Item] = deque()
-        self._bytes = 0
+        self._pace = Pace(log_rate, log_burst)
+        self._lines = LogBacklog(self.entry_max_bytes)
+        self._states: deque[_Item] = deque()
+        self._seq = 0
         self._finishing = False  # no more items will come; exit once drained
-        self._abandon = False  # close() timed out: exit now
+        self._abandon = False  # the flush gave up: exit now
         self._stopped = False  # 404: nothing more for this run
-        self._complete_queued = False
+        self._complete_at: float | None = None
         self._no_more_states = False  # a crucial FAILED was queued
         self._pending_progress: dict[int, _Item] = {}
         self._progress_queued_at: dict[int, float] = {}
         self._running_sent_at: dict[int, float] = {}
-        self._next_log_at = 0.0
         self._limit_hit = False
         self._notice_sent = False
         self._logged: set[str] = set()
         self._in_flight = False
 
         self.entries_sent = 0  # log entries taken for delivery (the limit counts these)
-        self.dropped_lines = 0  # lines lost to queue overflow
+        self.joined_entries = 0  # entries holding more than one line
+        self.dropped_lines = 0  # lines dropped from a too long backlog
+        self.collapsed_lines = 0  # lines left at the end of the run, not sent themselves
         self.suppressed_lines = 0  # lines past the entry limit (kept only locally)
-        self.discarded_items = 0  # items dropped by 404 handling or an abandoned close
+        self.discarded_items = 0  # items dropped by 404 handling or an abandoned flush
+        self.delivered = 0  # requests answered (any final answer): flush progress
 
         self._thread = threading.Thread(
             target=self._run, name=f"perfect-sender-{run_id}", daemon=True
@@ -165,10 +182,10 @@ class RunSender:
             last = self._progress_queued_at.get(task_index)
             if not first and last is not None and now - last < self.progress_interval:
                 return
-            item = _Item(_STATE, task_index=task_index, payload=payload, progress=True, first=first)
+            item = self._new_state(_STATE, task_index=task_index, payload=payload,
+                                   progress=True, first=first)
             self._pending_progress[task_index] = item
             self._progress_queued_at[task_index] = now
-            self._append(item)
 
     def update(self, task_index: int, payload: dict[str, Any]) -> None:
         """Queue a state update that keeps its place (RETRYING, COMPLETED, FAILED...)."""
@@ -182,17 +199,17 @@ class RunSender:
             if not self._accepts_state():
                 return
             self._pending_progress.pop(task_index, None)
-            self._append(_Item(_STATE, task_index=task_index, payload={**payload, "state": state}))
+            self._new_state(_STATE, task_index=task_index, payload={**payload, "state": state})
             if state == "FAILED" and payload.get("crucialPass") is not False:
                 self._no_more_states = True
 
     def complete(self, task_count: int) -> None:
         """Queue POST complete; nothing is accepted after it."""
         with self._cond:
-            if self._stopped or self._complete_queued:
+            if self._stopped or self._complete_at is not None:
                 return
-            self._complete_queued = True
-            self._append(_Item(_COMPLETE, task_count=task_count))
+            self._new_state(_COMPLETE, task_count=task_count)
+            self._complete_at = time.monotonic()
 
     def finish(self) -> None:
         """No more items will come: the thread exits once it has delivered the rest."""
@@ -200,21 +217,26 @@ class RunSender:
             self._finishing = True
             self._cond.notify_all()
 
-    def close(self, timeout: float) -> int:
-        """Flush for at most `timeout` seconds; returns how many items were not delivered."""
-        self.finish()
-        self._thread.join(timeout)
+    def abandon(self) -> int:
+        """Give up now: drop what is pending; returns how many items were not delivered."""
         with self._cond:
             if not self._thread.is_alive():
                 return 0
             self._abandon = True
-            left = len(self._queue) + (1 if self._in_flight else 0)
-            self.discarded_items += len(self._queue)
-            self._queue.clear()
-            self._bytes = 0
+            left = self._pending_items() + (1 if self._in_flight else 0)
+            self.discarded_items += self._pending_items()
+            self._clear()
             self._cond.notify_all()
-        log.warning("run %s: gave up delivering to the backend after %.1fs; "
-                    "%d updates not delivered", self.run_id, timeout, left)
+        return left
+
+    def close(self, timeout: float) -> int:
+        """Flush for at most `timeout` seconds; returns how many items were not delivered."""
+        self.finish()
+        self._thread.join(timeout)
+        left = self.abandon()
+        if left:
+            log.warning("run %s: gave up delivering to the backend after %.1fs; "
+                        "%d updates not delivered", self.run_id, timeout, left)
         return left
 
     @property
@@ -225,7 +247,7 @@ class RunSender:
     @property
     def pending(self) -> int:
         with self._cond:
-            return len(self._queue)
+            return self._pending_items()
 
     def join(self, timeout: float | None = None) -> bool:
         self._thread.join(timeout)
@@ -234,44 +256,137 @@ class RunSender:
     # -- enqueue helpers (lock held) -----------------------------------------
 
     def _accepts_state(self) -> bool:
-        return not (self._stopped or self._complete_queued or self._no_more_states)
+        return not (self._stopped or self._complete_at is not None or self._no_more_states)
 
-    def _append(self, item: _Item) -> None:
-        self._queue.append(item)
-        self._bytes += item.nbytes
+    def _pending_items(self) -> int:
+        return len(self._states) + (1 if self._lines else 0)
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _new_state(self, kind: str, **fields: Any) -> _Item:
+        item = _Item(kind, seq=self._next_seq(), queued_at=time.monotonic(), **fields)
+        self._states.append(item)
         self._cond.notify()
+        return item
 
     def _add_line(self, line: str) -> None:
-        if self._stopped or self._complete_queued:
+        if self._stopped or self._complete_at is not None:
             return
         if self._limit_hit:
             self.suppressed_lines += 1
             return
-        line = _clip(line, self.entry_max_bytes)
-        size = len(line.encode("utf-8", "replace")) + 1
-        if self._bytes + size > self.max_bytes:
-            self._drop_line()
+        line = _clip(line, self.entry_max_bytes - 32)
+        if self._lines.bytes + len(line) > self._backlog_cap():
+            self.dropped_lines += 1
+            self._lines.drop(self._next_seq())
             return
-        tail = self._queue[-1] if self._queue else None
-        if tail is not None and tail.kind == _LOG and tail.nbytes + size <= self.entry_max_bytes:
-            tail.lines.append(line)
-            tail.nbytes += size
-            self._bytes += size
-            return
-        if len(self._queue) >= self.max_items:
-            self._drop_line()
-            return
-        self._append(_Item(_LOG, lines=[line], nbytes=size))
+        self._lines.add(self._next_seq(), line)
 
-    def _drop_line(self) -> None:
-        """Overflow: count the line into the notice that takes its place in the order."""
-        self.dropped_lines += 1
-        tail = self._queue[-1] if self._queue else None
-        if tail is not None and tail.kind == _DROPPED:
-            tail.count += 1
-        else:
-            # Exempt from the bounds: between two notices there is always a real item.
-            self._queue.append(_Item(_DROPPED, count=1))
+    def _backlog_cap(self) -> int:
+        """Log text the backend can take in `max_backlog` s at its pace (floor 256 KiB)."""
+        entries = self._pace.backlog_entries(self.max_backlog)
+        return min(self.max_bytes, max(256 * 1024, entries * self.entry_max_bytes))
+
+    def _clear(self) -> None:
+        self._lines.clear()
+        self._states.clear()
+        self._pending_progress.clear()
+
+    # -- choosing what goes next (lock held) ---------------------------------
+
+    def _choose(self, now: float) -> tuple[_Item | None, float | None]:
+        """The next item to send, else how long to wait (None: until notified; _EXIT).
+
+        A wait of 0 means "choose again": an entry was refused by the entry limit.
+        """
+        if self._complete_at is not None and self._lines:
+            return self._end_entry(now), 0.0
+        if self._states:
+            head = self._states[0]
+            if head.kind == _COMPLETE and self._notice_due():
+                return self._final_notice(), 0.0
+            before = self._lines.before(head.seq)
+            take = self._lines_to_take_before(head, before, now) if before else 0
+            if take:
+                return self._take_entry(take, now), 0.0
+            self._states.popleft()
+            return (head if self._admit_state(head) else None), 0.0
+        if self._lines:
+            wait = self._pace.token_wait(now)
+            if wait > 0:
+                return None, wait
+            return self._take_entry(self._per_entry(now), now), 0.0
+        if self._finishing:
+            return (self._final_notice(), 0.0) if self._notice_due() else (None, _EXIT)
+        return None, None
+
+    def _per_entry(self, now: float) -> int:
+        """Lines per entry so the backlog drains within `max_lag` and a burst cannot use
+        more than a quarter of the entries the run has left."""
+        lines = self._lines.line_count()
+        left = max(1, self.max_log_entries - 1 - self.entries_sent)
+        by_limit = -(-lines * 4 // left)
+        return max(by_limit, self._pace.lines_per_entry(lines, self.max_lag, now))
+
+    def _end_entry(self, now: float) -> _Item | None:
+        """Run over: lines go one by one while they fit in `state_wait`, else as one entry."""
+        left = self.state_wait - (now - (self._complete_at or now))
+        lines = self._lines.line_count()
+        if not self._lines.head_is_marker() and self._pace.entries_within(left, now) >= lines:
+            return self._take_entry(1, now)
+        if not self._lines.fits_one_entry():
+            self.collapsed_lines += lines
+        return self._log_item(self._lines.collapse(self._where()), now)
+
+    def _lines_to_take_before(self, head: _Item, before: int, now: float) -> int:
+        """Lines printed before a waiting state: one by one (1), all joined, or 0: the
+        state goes first (they do not fit in one entry, or `state_wait` is over)."""
+        left = self.state_wait - (now - head.queued_at)
+        if self._lines.head_is_marker():
+            return 1  # a drop notice: one short entry
+        if self._pace.entries_within(left, now) >= before:
+            return 1
+        return before if self._lines.fits_one_entry(before) else 0
+
+    def _take_entry(self, per_entry: int, now: float) -> _Item | None:
+        return self._log_item(self._lines.take(per_entry, self._where()), now)
+
+    def _log_item(self, entry: Entry, now: float) -> _Item | None:
+        """An entry, unless the per-run limit is reached (its last slot is the notice's)."""
+        if self._limit_hit or self.entries_sent >= self.max_log_entries - 1:
+            self._limit_hit = True
+            self.suppressed_lines += entry.lines
+            return None
+        self.entries_sent += 1
+        self.joined_entries += entry.joined
+        self._pace.take(now)
+        return _Item(_LOG, text=entry.text, lines=entry.lines)
+
+    def _admit_state(self, item: _Item) -> bool:
+        """False drops a RUNNING update that comes too soon after the last one sent."""
+        if not item.progress:
+            return True
+        if self._pending_progress.get(item.task_index) is item:
+            del self._pending_progress[item.task_index]
+        last = self._running_sent_at.get(item.task_index)
+        recent = last is not None and time.monotonic() - last < self.progress_interval
+        return item.first or not recent
+
+    def _notice_due(self) -> bool:
+        return not self._notice_sent and self.suppressed_lines > 0
+
+    def _final_notice(self) -> _Item:
+        self._notice_sent = True
+        self.entries_sent += 1
+        text = (f"{self.suppressed_lines} more log lines were kept only locally "
+                f"(limit of {self.max_log_entries} log entries per run reached); "
+                f"full log at {self._where()}")
+        return _Item(_LOG, text=text)
+
+    def _where(self) -> str:
+        return self.log_path or "the runner's local log"
 
     # -- delivery thread -----------------------------------------------------
 
@@ -293,86 +408,21 @@ class RunSender:
         """The next item to send (waiting for one), or None when the thread should exit."""
         with self._cond:
             self._in_flight = False
-            while True:
-                if self._abandon or self._stopped:
-                    return None
-                item = self._take_ready()
+            while not (self._abandon or self._stopped):
+                item, wait = self._choose(time.monotonic())
                 if item is not None:
                     self._in_flight = True
                     return item
-                if not self._queue and self._finishing:
-                    notice = self._final_notice()
-                    if notice is None:
-                        return None
-                    self._in_flight = True
-                    return notice
-                self._cond.wait(self._wait_time())
-
-    def _wait_time(self) -> float | None:
-        head = self._queue[0] if self._queue else None
-        if head is not None and head.kind in (_LOG, _DROPPED):
-            return max(0.0, self._next_log_at - time.monotonic())
-        return None
-
-    def _take_ready(self) -> _Item | None:
-        """Pop the head if it may go now; log entries wait for their rate slot."""
-        while self._queue:
-            head = self._queue[0]
-            if head.kind == _COMPLETE and not self._notice_sent and self.suppressed_lines:
-                return self._final_notice()
-            if head.kind in (_LOG, _DROPPED):
-                now = time.monotonic()
-                if now < self._next_log_at:
+                if wait == _EXIT:
                     return None
-            self._queue.popleft()
-            self._bytes -= head.nbytes
-            if self._admit(head):
-                return head
-        return None
-
-    def _admit(self, item: _Item) -> bool:
-        """Last checks as an item leaves the queue; False means drop it."""
-        if item.kind in (_LOG, _DROPPED):
-            lines = len(item.lines) if item.kind == _LOG else item.count
-            if self.entries_sent >= self.max_log_entries - 1:
-                # The last slot is reserved for the "kept only locally" entry.
-                self._limit_hit = True
-                self.suppressed_lines += lines
-                return False
-            self.entries_sent += 1
-            self._next_log_at = time.monotonic() + (1.0 / self.log_rate if self.log_rate else 0)
-            item.text = self._entry_text(item)
-            return True
-        if item.kind == _STATE and item.progress:
-            if self._pending_progress.get(item.task_index) is item:
-                del self._pending_progress[item.task_index]
-            last = self._running_sent_at.get(item.task_index)
-            recent = last is not None and time.monotonic() - last < self.progress_interval
-            return item.first or not recent
-        return True
-
-    def _entry_text(self, item: _Item) -> str:
-        if item.kind == _LOG:
-            return "\n".join(item.lines)
-        return (f"{item.count} log lines not delivered to the backend; "
-                f"full log at {self._where()}")
-
-    def _final_notice(self) -> _Item | None:
-        if self._notice_sent or not self.suppressed_lines:
+                if wait is None or wait > 0:
+                    self._cond.wait(wait)
             return None
-        self._notice_sent = True
-        self.entries_sent += 1
-        text = (f"{self.suppressed_lines} more log lines were kept only locally "
-                f"(limit of {self.max_log_entries} log entries per run reached); "
-                f"full log at {self._where()}")
-        return _Item(_NOTICE, text=text)
-
-    def _where(self) -> str:
-        return self.log_path or "the runner's local log"
 
     def _deliver(self, item: _Item) -> None:
         delay = self.backoff_initial
         while True:
+            started = time.monotonic()
             result = self._send(item)
             if result.status is not ApiStatus.RETRYABLE:
                 break
@@ -381,6 +431,9 @@ class RunSender:
             if not self._backoff(delay):
                 return
             delay = min(self.backoff_max, delay * 2)
+        with self._cond:
+            self._pace.observe(time.monotonic() - started)
+            self.delivered += 1
         if "down" in self._logged:
             self._logged.discard("down")
             log.info("run %s: backend reachable again", self.run_id)
@@ -411,7 +464,7 @@ class RunSender:
             log.exception("run %s: on_fault callback failed", self.run_id)
 
     def _send(self, item: _Item) -> ApiResult:
-        if item.kind in (_LOG, _DROPPED, _NOTICE):
+        if item.kind == _LOG:
             return self.client.send_log(self.run_id, item.text)
         if item.kind == _COMPLETE:
             return self.client.complete_flow(self.run_id, item.task_count)
@@ -462,11 +515,9 @@ class RunSender:
     def _stop(self) -> int:
         with self._cond:
             self._stopped = True
-            dropped = len(self._queue)
+            dropped = self._pending_items()
             self.discarded_items += dropped
-            self._queue.clear()
-            self._bytes = 0
-            self._pending_progress.clear()
+            self._clear()
             self._cond.notify_all()
             return dropped
 

@@ -1,0 +1,123 @@
+"""One run's pending log lines, and how they become log entries.
+
+Lines keep their order and their sequence number (shared with the run's state
+updates, so the sender knows which lines were printed before a state). A line
+dropped because the backlog is too long leaves a marker counting the lines
+dropped at that place; the marker becomes its own entry so the UI says so where
+it happened. The caller (the run's sender) holds the lock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+HEADROOM = 32  # bytes of an entry kept for the "[N lines]" header
+
+
+@dataclass
+class _Line:
+    """One pending output line, or (text None) a count of lines dropped at that place."""
+
+    seq: int
+    text: str | None
+    size: int = 0
+    dropped: int = 0
+
+
+@dataclass(frozen=True)
+class Entry:
+    """The text of one log entry and how many output lines it stands for."""
+
+    text: str
+    lines: int
+    joined: bool = False
+
+
+class LogBacklog:
+    """Pending lines in order; entries of at most `entry_max_bytes`."""
+
+    def __init__(self, entry_max_bytes: int) -> None:
+        self.entry_max_bytes = entry_max_bytes
+        self._lines: deque[_Line] = deque()
+        self.bytes = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._lines)
+
+    def add(self, seq: int, line: str) -> None:
+        size = len(line.encode("utf-8", "replace")) + 1
+        self._lines.append(_Line(seq, line, size))
+        self.bytes += size
+
+    def drop(self, seq: int) -> None:
+        """Count one dropped line into the marker at the end (a new one if needed)."""
+        tail = self._lines[-1] if self._lines else None
+        if tail is not None and tail.text is None:
+            tail.dropped += 1
+        else:
+            self._lines.append(_Line(seq, None, dropped=1))
+
+    def clear(self) -> None:
+        self._lines.clear()
+        self.bytes = 0
+
+    def line_count(self) -> int:
+        """Output lines pending (dropped ones included)."""
+        return sum(line.dropped or 1 for line in self._lines)
+
+    def head_is_marker(self) -> bool:
+        return bool(self._lines) and self._lines[0].text is None
+
+    def before(self, seq: int) -> int:
+        """How many pending items were queued before sequence number `seq`."""
+        count = 0
+        for line in self._lines:
+            if line.seq > seq:
+                break
+            count += 1
+        return count
+
+    def fits_one_entry(self, count: int | None = None) -> bool:
+        """The first `count` items (all by default) are lines that fit in one entry."""
+        limit = self.entry_max_bytes - HEADROOM
+        size = 0
+        for n, line in enumerate(self._lines):
+            if count is not None and n >= count:
+                return True
+            if line.text is None:
+                return False
+            size += line.size
+            if size > limit:
+                return False
+        return True
+
+    def take(self, per_entry: int, where: str) -> Entry:
+        """Pop up to `per_entry` lines (within the entry size) as one entry."""
+        head = self._lines.popleft()
+        if head.text is None:
+            return Entry(f"{head.dropped} log lines not delivered to the backend (too slow "
+                         f"to keep up); full log at {where}", head.dropped)
+        taken, size = [head.text], head.size
+        self.bytes -= head.size
+        limit = self.entry_max_bytes - HEADROOM
+        while self._lines and len(taken) < per_entry:
+            line = self._lines[0]
+            if line.text is None or size + line.size > limit:
+                break
+            self._lines.popleft()
+            self.bytes -= line.size
+            taken.append(line.text)
+            size += line.size
+        if len(taken) == 1:
+            return Entry(taken[0], 1)
+        return Entry(f"[{len(taken)} lines]\n" + "\n".join(taken), len(taken), joined=True)
+
+    def collapse(self, where: str) -> Entry:
+        """Everything pending as one entry: the lines if they fit, else where they are."""
+        if self.fits_one_entry():
+            return self.take(len(self._lines), where)
+        count = self.line_count()
+        self.clear()
+        return Entry(f"{count} more log lines were not sent to the backend (it was too slow "
+                     f"to keep up when the run ended); full log at {where}", count)
