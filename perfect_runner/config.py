@@ -64,9 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS", help="RUNNING updates per task at most this often (default 0.5)")
     add("--shutdown-grace", type=float, default=_env_float("SHUTDOWN_GRACE", 3.0),
         metavar="SECONDS", help="on SIGTERM, time running tasks get to finish (default 3)")
+    add("--final-flush", type=float, default=_env_float("FINAL_FLUSH", 60),
+        metavar="SECONDS", help="at the end of a --run and at shutdown, keep delivering "
+        "pending updates for up to this long while deliveries progress (it gives up "
+        "sooner after 10 s without one); runs the backend did not hear the end of are "
+        "named and the exit code is 1 (default 60)")
     add("--log-rate", type=float, default=_env_float("LOG_RATE", 20), metavar="N",
-        help="log entries per second per run sent one line each; faster output is "
-        "joined into bigger entries (default 20)")
+        help="log entries per second per run after a burst of 50; output faster than "
+        "that, or than the backend answers, is joined into entries of several lines "
+        "(default 20)")
     add("--max-log-entries", type=int, default=_env_int("MAX_LOG_ENTRIES", 2000), metavar="N",
         help="log entries per run sent to the backend; the rest stays in the local "
         "log file (default 2000)")
@@ -191,6 +197,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.max_log_bytes = (_size("--max-log-file-size", args.max_log_file_size)
                           or DEFAULT_MAX_LOG_BYTES)
     _check(args.max_log_bytes >= MIN_LOG_FILE, "--max-log-file-size must be at least 16KiB")
+    _check(args.final_flush >= 0, "--final-flush must be 0 or more")
     return args
 
 

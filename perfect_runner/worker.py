@@ -34,10 +34,9 @@ from .textsafe import clean_text
 from .transport.api import ApiError, BadRequest, ExecutionRequest, PerfectAPIClient
 from .transport.backend_listener import BackendListener
 from .transport.heartbeat import Heartbeat
+from .transport.library import FlowLibrary, not_served_note
 
 log = logging.getLogger("perfect_runner.worker")
-
-FLUSH_ON_EXIT = 1.0  # seconds pending updates get at shutdown
 
 
 class WorkerLog(NullListener):
@@ -66,6 +65,9 @@ class Worker:
             self.client, on_cancel=self._on_cancel, on_fault=self._on_fault,
             log_rate=args.log_rate,
             max_log_entries=args.max_log_entries, progress_interval=args.progress_interval)
+        self.library = FlowLibrary(executor.flows,
+                                   {name: executor.flow_tasks(name) for name in executor.flows})
+        self.flow_of: dict[str, str] = {}  # run id -> flow name, for the final report
         self.listener: RunListener = FanOut(
             LogFileListener(args.log_dir, args.max_log_bytes), self.backend, WorkerLog())
         self.stop = threading.Event()
@@ -84,7 +86,7 @@ class Worker:
 
     def register(self, flow_name: str) -> str | None:
         """Register one flow (a new library entry); its id, or None if the backend refused."""
-        result = self.client.register_flow(self._flow_payload(flow_name))
+        result = self.client.register_flow(self.library.payload(flow_name))
         if result.ok and isinstance(result.body, dict):
             flow_id = (result.body.get("flow") or {}).get("id")
             return flow_id if isinstance(flow_id, str) else None
@@ -115,18 +117,6 @@ class Worker:
                 delay = min(delay * 2, 10.0)
         return ids
 
-    def _flow_payload(self, name: str) -> dict[str, Any]:
-        flow = self.executor.flows[name]
-        return {
-            "name": name, "description": flow.get("description", ""),
-            "tags": flow.get("tags") or {},
-            "tasks": [{"name": t["name"], "description": t.get("description", ""),
-                       "estimatedTime": t["estimated_time"], "crucialPass": t["crucial_pass"]}
-                      for t in self.executor.flow_tasks(name)],
-            "autoTrigger": False,
-            "autoTriggerConfig": flow.get("auto_trigger_config") or "development",
-        }
-
     # --- serving ----------------------------------------------------------
 
     def poll_forever(self) -> None:
@@ -139,8 +129,15 @@ class Worker:
             try:
                 request = self.client.poll_once()
             except BadRequest as exc:
-                self.slots.release()
-                log.error("ignoring a malformed execution request: %s", exc)
+                if exc.run_id is None:
+                    self.slots.release()
+                    log.error("ignoring a malformed execution request: %s", exc)
+                    continue
+                # A valid run id: the run must end FAILED, not stay RUNNING.
+                log.error("run %s: refusing the execution request: %s", exc.run_id, exc)
+                self._start_thread(exc.run_id, self._refuse, exc.run_id,
+                                   exc.flow_name or "unknown flow",
+                                   f"execution request refused: {exc}")
                 continue
             except Exception as exc:  # noqa: BLE001 - the poller must outlive any answer
                 self.slots.release()
@@ -159,7 +156,7 @@ class Worker:
                 if request is not None:
                     log.warning("got run %s while stopping; not started", request.run_id)
                 continue
-            self._start_thread(request)
+            self._start_thread(request.run_id, self._serve_request, request)
 
     def _fork_server_up(self) -> bool:
         """Whether to poll now: not while no fork server runs (it is being restarted).
@@ -181,31 +178,36 @@ class Worker:
                      launcher.server_pid)
         return False
 
-    def _start_thread(self, request: ExecutionRequest) -> None:
-        thread = threading.Thread(target=self._serve_request, args=(request,),
-                                  name=f"run-{request.run_id}", daemon=True)
+    def _start_thread(self, run_id: str, target: Any, *args: Any) -> None:
+        """Serve one request on its own thread; the thread releases the run slot."""
+        thread = threading.Thread(target=self._slot_released_after, args=(target, *args),
+                                  name=f"run-{run_id}", daemon=True)
         with self._lock:
             self.threads = [t for t in self.threads if t.is_alive()] + [thread]
         thread.start()
 
-    def _serve_request(self, request: ExecutionRequest) -> None:
+    def _slot_released_after(self, target: Any, *args: Any) -> None:
         try:
-            if request.flow_name in self.executor.flows:
-                self._serve_known(request)
-            else:
-                self._unknown_flow(request)
+            target(*args)
         except Exception:  # noqa: BLE001 - one broken run must not stop the worker
-            log.exception("run %s failed inside the runner", request.run_id)
+            log.exception("run %s failed inside the runner", getattr(args[0], "run_id", args[0]))
         finally:
             self.slots.release()
 
-    def _serve_known(self, request: ExecutionRequest) -> None:
+    def _serve_request(self, request: ExecutionRequest) -> None:
+        if request.flow_name not in self.executor.flows:
+            self._refuse(request.run_id, request.flow_name, not_served_note(request.flow_name))
+            return
+        record = None
         try:
-            self.execute_contained(request.flow_name, request.run_id)
+            record = self.execute_contained(request.flow_name, request.run_id)
             self._await_delivery(request.run_id)
         finally:
             if not self.stop.is_set():
+                if record is not None:
+                    self.library.learn(record)
                 self._register_again(request.flow_name)
+                self.library.check(self.client)
 
     def execute_contained(self, flow_name: str, run_id: str) -> RunRecord:
         """`execute`, and a run that could not even be built is reported FAILED."""
@@ -217,6 +219,7 @@ class Worker:
             return report_failed_run(self.listener, flow_name, note, run_id)
 
     def execute(self, flow_name: str, run_id: str) -> RunRecord:
+        self.flow_of[run_id] = flow_name
         run = self.executor.new_run(flow_name, self.listener, run_id=run_id)
         with self._lock:
             self.runs[run_id] = run
@@ -242,10 +245,13 @@ class Worker:
         except ApiError as exc:
             log.warning("could not re-register flow %r: %s", flow_name, exc)
 
-    def _unknown_flow(self, request: ExecutionRequest) -> None:
-        known = ", ".join(repr(n) for n in self.executor.flows)
-        note = f"this worker does not serve flow {request.flow_name!r} (it serves {known})"
-        report_failed_run(self.listener, request.flow_name, note, request.run_id)
+    def _refuse(self, run_id: str, flow_name: str, note: str) -> None:
+        """Report a run this worker will not execute as FAILED on the backend, with why."""
+        self.flow_of[run_id] = flow_name
+        report_failed_run(self.listener, flow_name, note, run_id)
+        self._await_delivery(run_id)
+        if not self.stop.is_set():
+            self.library.check(self.client)
 
     def _on_fault(self, run_id: str, note: str) -> None:
         """The run's sender failed delivering an update: the run fails, saying so."""
@@ -271,15 +277,28 @@ class Worker:
         for run in running:
             run.cancel("worker stopped", Kind.WORKER_STOPPED)
 
-    def shutdown(self) -> None:
-        """Stop polling, stop the runs, flush briefly."""
+    def shutdown(self) -> bool:
+        """Stop polling, stop the runs, deliver what is pending; False if some was lost."""
         self.stop.set()
         self.stop_runs()
-        self._join_runs(time.monotonic() + 1.0)
-        lost = self.backend.close(FLUSH_ON_EXIT)
-        if lost:
-            log.warning("%d update(s) not delivered to the backend at shutdown", lost)
+        # Stopped runs report their end first (kill grace, then the last states).
+        self._join_runs(time.monotonic() + self.args.kill_grace + 2.0)
+        ok = self.final_flush()
         self.heartbeat.stop()
+        return ok
+
+    def final_flush(self) -> bool:
+        """Deliver every run's pending updates (up to --final-flush s while they progress).
+
+        Says which runs the backend did not hear the end of; False if there were some.
+        """
+        lost = self.backend.flush(self.args.final_flush)
+        for run_id, left in lost.items():
+            flow = self.flow_of.get(run_id, "?")
+            print(f"perfect-runner: could not finish run {run_id} (flow {flow!r}) on the "
+                  f"backend at {self.args.server}: {left} update(s) not delivered; the full "
+                  f"log is in {self.args.log_dir}", file=sys.stderr)
+        return not lost
 
     def _join_runs(self, deadline: float) -> None:
         with self._lock:
@@ -293,16 +312,22 @@ def serve(args: argparse.Namespace, executor: FlowExecutor, names: list[str]) ->
     worker = Worker(args, executor)
     _install_signal_handlers(worker)
     worker.start()
+    code = 1
     try:
         if args.run or args.run_all:
-            return _run_named(worker, names)
-        worker.register_all(list(executor.flows))
-        poller = threading.Thread(target=worker.poll_forever, name="poller", daemon=True)
-        poller.start()
-        worker.stop.wait()
-        return 0
+            code = _run_named(worker, names)
+        else:
+            worker.register_all(list(executor.flows))
+            worker.library.check(worker.client)
+            poller = threading.Thread(target=worker.poll_forever, name="poller", daemon=True)
+            poller.start()
+            worker.stop.wait()
+            code = 0
     finally:
-        worker.shutdown()
+        # Exit non-zero when the backend did not hear how a run ended.
+        if not worker.shutdown():
+            code = 1
+    return code
 
 
 def _run_named(worker: Worker, names: list[str]) -> int:
@@ -316,12 +341,15 @@ def _run_named(worker: Worker, names: list[str]) -> int:
             ok = False
             continue
         record = worker.execute_contained(name, run_id)
-        worker.backend.close(5.0)
-        report = worker.client.get_report(run_id) or {}
+        delivered = worker.final_flush()
+        try:
+            report = (worker.client.get_report(run_id) if delivered else None) or {}
+        except ApiError:
+            report = {}
         url = f"{worker.args.server.rstrip('/')}{report['url']}" if report.get("url") else "-"
         print(f"{clean_text(name)}: run {clean_text(run_id)} {record.state}  report: "
               f"{clean_text(url)}")
-        ok = ok and record.state == "COMPLETED"
+        ok = ok and delivered and record.state == "COMPLETED"
     return 0 if ok else 1
 
 

@@ -85,8 +85,8 @@ def test_worker_token_reaches_backend_but_no_task(tmp_path: Path) -> None:
             output, _ = worker.communicate(timeout=10)
         auth = {r.headers.get("Authorization") for r in fake.requests}
     assert auth == {f"Bearer {TOKEN}"}
-    assert "[Task Output] EXTRA=added" in lines
-    assert "[Task Output] SCRUBBED=gone" in lines
+    assert "[Task Output] snoop: EXTRA=added" in lines
+    assert "[Task Output] snoop: SCRUBBED=gone" in lines
     assert_no_token_below(dump, worker.pid)
     assert TOKEN not in output
     assert TOKEN not in "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))

@@ -519,7 +519,7 @@ def test_listener_reports_a_whole_run(fake: FakePerfect, client: PerfectAPIClien
     lines = [line for e in describe(traffic) if e.startswith("log:") for line in
              e[4:].split("\n")]
     assert lines == ["[perfect_runner] flow started", "[Flow Output] body says hi",
-                     "[Task Output] out 1", "[Task Output][stderr] err 1"]
+                     "[Task Output] extract: out 1", "[Task Output][stderr] extract: err 1"]
     states = [r.body for r in traffic if r.path.endswith("/state")]
     assert [s["state"] for s in states] == ["RUNNING", "RETRYING", "RUNNING", "COMPLETED"]
     assert states[0] == {"state": "RUNNING", "taskName": "extract", "estimatedTime": 8000,

@@ -94,8 +94,8 @@ def test_triggered_run_is_reported_in_order_and_flow_stays_in_library(fake, flow
             ("first", "COMPLETED"), ("first", "COMPLETED"), ("second", "COMPLETED")]
         assert run["tasks"][0]["result"]["note"] == "first ok"
         logs = fake.logs(run_id)
-        assert logs.count("[Task Output] hello from first") == 2
-        assert "[Task Output][stderr] second line" in logs
+        assert logs.count("[Task Output] first: hello from first") == 2
+        assert "[Task Output][stderr] second: second line" in logs
         # Each task's COMPLETED arrives after its output and before the next RUNNING.
         posts = [r for r in fake.requests if run_id in r.path]
         states = [(r.path.split("/")[-2], r.body.get("state")) for r in posts
@@ -105,8 +105,12 @@ def test_triggered_run_is_reported_in_order_and_flow_stays_in_library(fake, flow
         assert [states[i][0] for i in done_at] == ["0", "1", "2"]
         complete = [r for r in posts if r.path.endswith("/complete")]
         assert complete[-1].body == {"taskCount": 3}
-        # Triggering removed the flow from the library; the worker put it back.
+        # Triggering removed the flow from the library; the worker put it back, with
+        # the calls that ran (first is called twice), so the next run's rows match.
         fake.wait_for(lambda: any(f["name"] == "Quick Flow" for f in fake.flows), 10)
+        quick = next(f for f in fake.flows if f["name"] == "Quick Flow")
+        assert [t["name"] for t in quick["tasks"]] == ["first", "first", "second"]
+        assert [t["description"] for t in quick["tasks"]][:2] == ["Say hello."] * 2
     finally:
         stop_worker(worker)
     assert worker.returncode == 0
@@ -124,8 +128,10 @@ def test_unknown_flow_fails_task_zero_and_worker_goes_on(fake, flows_module, tmp
         fake.wait_for(lambda: finished(fake, run_id), 20)
         run = fake.run(run_id)
         assert run["state"] == "FAILED"
-        assert "does not serve flow" in run["tasks"][0]["result"]["note"]
-        assert any("does not serve flow" in line for line in fake.logs(run_id))
+        note = ("this worker does not serve \"Someone Else's Flow\"; every worker on one "
+                "backend must serve the same flows")
+        assert run["tasks"][0]["result"]["note"] == note
+        assert f"[perfect_runner] {note}" in fake.logs(run_id)
         ok_id = fake.trigger("Quick Flow")
         fake.wait_for(lambda: finished(fake, ok_id), 20)
         assert fake.run(ok_id)["state"] == "COMPLETED"
@@ -209,7 +215,7 @@ def test_two_workers_never_run_the_same_run_twice(fake, flows_module, tmp_path):
         fake.wait_for(lambda: all(finished(fake, r) for r in run_ids), 60)
         for run_id in run_ids:
             assert fake.run(run_id)["state"] == "COMPLETED"
-            assert fake.logs(run_id).count("[Task Output] hello from first") == 2
+            assert fake.logs(run_id).count("[Task Output] first: hello from first") == 2
             completes = [r for r in fake.requests if r.path == f"/api/runs/{run_id}/complete"]
             assert len(completes) == 1
     finally:

@@ -82,7 +82,17 @@ class ApiError(RuntimeError):
 
 
 class BadRequest(ValueError):
-    """The backend sent an execution request the runner cannot accept."""
+    """The backend sent an execution request the runner cannot accept.
+
+    `run_id` is set when the request named a valid run: that run can (and must)
+    be reported FAILED with the reason, else it stays RUNNING on the backend.
+    """
+
+    def __init__(self, message: str, run_id: str | None = None,
+                 flow_name: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.flow_name = flow_name
 
 
 def _short(value: Any, limit: int = 300) -> str:
@@ -117,14 +127,18 @@ class ExecutionRequest:
         if not isinstance(data, dict):
             raise BadRequest(f"execution request is not a JSON object: {_short(data, 80)!r}")
         run_id = _checked_text(data, "run_id")
-        flow_name = _checked_text(data, "flow_name")
-        # The UI may trigger without a configuration; Express then omits the key.
-        # Missing means the server default rather than a malformed request.
-        configuration = data.get("configuration")
-        if configuration is None:
-            configuration = "development"
-        else:
-            configuration = _checked_text(data, "configuration", allow_empty=True)
+        flow_name = None
+        try:
+            flow_name = _checked_text(data, "flow_name")
+            # The UI may trigger without a configuration; Express then omits the key.
+            # Missing means the server default rather than a malformed request.
+            configuration = data.get("configuration")
+            if configuration is None:
+                configuration = "development"
+            else:
+                configuration = _checked_text(data, "configuration", allow_empty=True)
+        except BadRequest as exc:
+            raise BadRequest(str(exc), run_id=run_id, flow_name=flow_name) from None
         return cls(run_id=run_id, flow_name=flow_name, configuration=configuration)
 
 

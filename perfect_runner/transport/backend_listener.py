@@ -29,6 +29,7 @@ TASK_ERR = "[Task Output][stderr] "
 FLOW_OUT = "[Flow Output] "
 FLOW_ERR = "[Flow Output][stderr] "
 RUNNER = "[perfect_runner] "
+FLUSH_STALL = 10.0  # a final flush gives up after this long without one delivery
 
 
 class BackendListener(NullListener):
@@ -95,7 +96,8 @@ class BackendListener(NullListener):
         if task is None:
             prefix = FLOW_ERR if stream == "stderr" else FLOW_OUT
         else:
-            prefix = TASK_ERR if stream == "stderr" else TASK_OUT
+            # Lines of several tasks may share an entry: each one says whose it is.
+            prefix = (TASK_ERR if stream == "stderr" else TASK_OUT) + f"{task.name}: "
         sender.log_lines(prefix + line for line in lines)
 
     def task_retrying(self, run: RunRecord, task: TaskRecord) -> None:
@@ -134,16 +136,34 @@ class BackendListener(NullListener):
 
     def close(self, timeout: float) -> int:
         """Flush every sender within `timeout` seconds overall; returns items not delivered."""
-        deadline = time.monotonic() + timeout
+        return sum(self.flush(timeout, stall=timeout).values())
+
+    def flush(self, bound: float, stall: float = FLUSH_STALL) -> dict[str, int]:
+        """Deliver what every run has pending, as long as deliveries progress.
+
+        Stops at `bound` seconds, or earlier when nothing at all was delivered for
+        `stall` seconds (the backend is really gone). Returns {run_id: items not
+        delivered} for the runs it could not finish (empty: everything arrived).
+        """
         with self._lock:
             senders = list(self._senders.values())
             self._senders.clear()
         for sender in senders:
             sender.finish()
-        lost = 0
-        for sender in senders:
-            lost += sender.close(max(0.0, deadline - time.monotonic()))
-        return lost
+        start = last_progress = time.monotonic()
+        delivered = sum(s.delivered for s in senders)
+        while any(not s.done for s in senders):
+            now = time.monotonic()
+            if now - start >= bound or now - last_progress >= stall:
+                break
+            next(s for s in senders if not s.done).join(0.1)
+            total = sum(s.delivered for s in senders)
+            if total != delivered:
+                delivered, last_progress = total, time.monotonic()
+        # A run whose end never reached the backend is lost even with nothing pending.
+        lost = {s.run_id: max(s.abandon(), 0 if s.run_over_on_backend else 1)
+                for s in senders}
+        return {run_id: left for run_id, left in lost.items() if left}
 
     def _forget_done(self) -> None:
         """Drop senders whose thread has exited (lock held)."""

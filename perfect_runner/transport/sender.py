@@ -138,6 +138,7 @@ class RunSender:
         self._notice_sent = False
         self._logged: set[str] = set()
         self._in_flight = False
+        self._complete_answered = False
 
         self.entries_sent = 0  # log entries taken for delivery (the limit counts these)
         self.joined_entries = 0  # entries holding more than one line
@@ -238,6 +239,12 @@ class RunSender:
             log.warning("run %s: gave up delivering to the backend after %.1fs; "
                         "%d updates not delivered", self.run_id, timeout, left)
         return left
+
+    @property
+    def run_over_on_backend(self) -> bool:
+        """The backend heard how the run ended (complete answered), or stopped it (404)."""
+        with self._cond:
+            return self._complete_answered or self._stopped
 
     @property
     def done(self) -> bool:
@@ -434,6 +441,7 @@ class RunSender:
         with self._cond:
             self._pace.observe(time.monotonic() - started)
             self.delivered += 1
+            self._complete_answered |= item.kind == _COMPLETE
         if "down" in self._logged:
             self._logged.discard("down")
             log.info("run %s: backend reachable again", self.run_id)
