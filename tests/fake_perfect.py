@@ -12,6 +12,13 @@ waiter...). Tests drive it through a small Python API:
         fake.wait_for(lambda: fake.run(run_id)["state"] == "COMPLETED")
         assert [r.path for r in fake.requests] == [...]
 
+Cost model: like the real server, every write to a run (a log entry, a state
+update, complete) rewrites the whole run in SQLite, one write at a time (Node's
+single thread): each such request costs `extra + per_mb * size of the stored
+run in MB` seconds, served one after the other. `set_cost(extra, per_mb)`
+changes it; the default (no extra, 20 ms per MB) is the real server with no UI
+open; `set_cost(0.3)` is one with a UI open on a large database (0.1-0.4 s).
+
 Fault injection: `set_delay(pattern, seconds)`, `fail_with(pattern, status,
 count=None)`, `respond_with(...)` for arbitrary answers (redirects, huge
 bodies), `stop()` (connection refused) and `start()` again on the same port,
@@ -63,6 +70,7 @@ class Recorded:
     time: float
     raw: bytes = b""
     status: int | None = None
+    cost: float = 0.0  # seconds the cost model held it (see set_cost)
 
 
 @dataclass
@@ -141,8 +149,13 @@ class FakePerfect:
         watchdog_timeout: float = 10.0,
         watchdog_period: float = 1.0,
         port: int = 0,
+        extra_cost: float = 0.0,
+        cost_per_mb: float = 0.02,
     ) -> None:
         self.poll_hold = poll_hold
+        self.extra_cost = extra_cost
+        self.cost_per_mb = cost_per_mb
+        self._db = threading.Lock()  # run writes are served one at a time
         self.watchdog_timeout = watchdog_timeout
         self.watchdog_period = watchdog_period
         self.port = port
@@ -344,6 +357,20 @@ class FakePerfect:
         with self._cond:
             self._enqueue(raw)
 
+    def set_cost(self, extra: float = 0.0, per_mb: float = 0.02) -> None:
+        """Each run write costs `extra + per_mb * stored run MB` seconds, one at a time."""
+        with self._cond:
+            self.extra_cost, self.cost_per_mb = extra, per_mb
+
+    def run_size(self, run_id: str) -> int:
+        """Bytes of the stored run, roughly as SQLite holds it (logs and task rows)."""
+        with self._cond:
+            run = self._runs.get(run_id)
+            if run is None:
+                return 0
+            logs = sum(len(line) for line in run["logs"] if isinstance(line, str))
+            return logs + 400 * len(run["tasks"])
+
     def set_delay(self, pattern: str, seconds: float, method: str | None = None) -> None:
         """Answer matching requests `seconds` late (0 removes the delay)."""
         with self._cond:
@@ -403,7 +430,14 @@ class FakePerfect:
             self._cond.notify_all()
         if not self._delay(rec, generation):
             return self._abort(h)
-        status, body, headers = self._answer(h, rec, generation)
+        run_id = _written_run(rec)
+        if run_id is None:
+            status, body, headers = self._answer(h, rec, generation)
+        else:
+            with self._db:  # one run write at a time, each as slow as its run is big
+                if not self._charge(rec, run_id, generation):
+                    return self._abort(h)
+                status, body, headers = self._answer(h, rec, generation)
         if body is _ABORT:
             return self._abort(h)
         with self._cond:
@@ -440,6 +474,18 @@ class FakePerfect:
             if rule is None:
                 return True
             deadline = time.monotonic() + rule.seconds
+            while self._generation == generation:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return True
+                self._cond.wait(remaining)
+            return False
+
+    def _charge(self, rec: Recorded, run_id: str, generation: int) -> bool:
+        """Hold a run write for its cost; False if the server stopped meanwhile."""
+        with self._cond:
+            rec.cost = self.extra_cost + self.cost_per_mb * self.run_size(run_id) / 2**20
+            deadline = time.monotonic() + rec.cost
             while self._generation == generation:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -933,6 +979,15 @@ _BAD_JSON = object()
 _BAD_JSON_PAGE = ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
                   '<title>Error</title>\n</head>\n<body>\n<pre>SyntaxError: invalid JSON'
                   '</pre>\n</body>\n</html>\n')
+
+
+_WRITES = re.compile(r"/api/(?:flows/([^/]+)/logs|runs/([^/]+)/(?:tasks/[^/]+/state|complete))")
+
+
+def _written_run(rec: Recorded) -> str | None:
+    """The run a request rewrites in the real server's database (None: not a run write)."""
+    match = _WRITES.fullmatch(rec.path) if rec.method == "POST" else None
+    return unquote(match.group(1) or match.group(2)) if match else None
 
 
 def _parse_int(text: str) -> int | None:

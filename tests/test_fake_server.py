@@ -488,3 +488,28 @@ def test_delay_holds_only_matching_requests(fake: FakePerfect) -> None:
     assert fast < 0.3 <= slow
     body = fake.requests_to("/api/flows/*/logs")[0].body
     assert body == {"log": "slow"}
+
+
+def test_run_writes_cost_more_as_the_run_grows_and_are_served_one_at_a_time(
+    fake: FakePerfect,
+) -> None:
+    run_id = client_run(fake)
+    fake.set_cost(extra=0.05, per_mb=0.4)
+    post(fake, f"/api/flows/{run_id}/logs", {"log": "x" * 2**20})  # the run is now ~1 MB
+    started = time.monotonic()
+    threads = [threading.Thread(target=post, args=(fake, path, body)) for path, body in [
+        (f"/api/flows/{run_id}/logs", {"log": "a"}),
+        (f"/api/runs/{run_id}/tasks/0/state", {"state": "RUNNING"}),
+        (f"/api/runs/{run_id}/complete", {"taskCount": 3}),
+    ]]
+    for thread in threads:
+        thread.start()
+    post(fake, "/api/heartbeat")  # not a run write: no cost, not queued behind them
+    heartbeat_at = time.monotonic() - started
+    for thread in threads:
+        thread.join(5)
+    elapsed = time.monotonic() - started
+    writes = [r for r in fake.requests if run_id in r.path][-3:]
+    assert all(0.44 <= r.cost <= 0.47 for r in writes), [r.cost for r in writes]
+    assert elapsed >= 3 * 0.44 and heartbeat_at < 0.3  # one write at a time
+    assert fake.requests_to("/api/heartbeat")[0].cost == 0

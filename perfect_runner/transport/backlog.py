@@ -114,10 +114,23 @@ class LogBacklog:
         return Entry(f"[{len(taken)} lines]\n" + "\n".join(taken), len(taken), joined=True)
 
     def collapse(self, where: str) -> Entry:
-        """Everything pending as one entry: the lines if they fit, else where they are."""
+        """Everything pending as one entry: the lines if they fit, else a note saying
+        how many were not sent and where they are, followed by the last lines that fit
+        (the end of a run's output is where its errors are)."""
         if self.fits_one_entry():
             return self.take(len(self._lines), where)
         count = self.line_count()
+        tail: list[str] = []
+        size, limit = 0, self.entry_max_bytes // 2
+        for line in reversed(self._lines):
+            if line.text is None or size + line.size > limit:
+                break
+            tail.append(line.text)
+            size += line.size
         self.clear()
-        return Entry(f"{count} more log lines were not sent to the backend (it was too slow "
-                     f"to keep up when the run ended); full log at {where}", count)
+        note = (f"{count - len(tail)} log lines were not sent to the backend (it was too "
+                f"slow to keep up when the run ended); full log at {where}")
+        if not tail:
+            return Entry(note, count)
+        return Entry(f"{note}; the last {len(tail)} lines:\n" + "\n".join(reversed(tail)),
+                     count)
