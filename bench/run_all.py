@@ -24,7 +24,7 @@ from common import Row
 
 # In the order the issue lists them; others append theirs here.
 BENCHMARKS = ["start_overhead", "memory_size", "output_throughput", "footprint", "faults",
-              "http_cost", "heartbeat_load", "supervision_latency", "scale_out"]
+              "http_cost", "heartbeat_load", "supervision_latency", "scale_out", "delivery"]
 
 
 def run_one(name: str, quick: bool) -> tuple[list[Row], float]:
