@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         "pending updates for up to this long while deliveries progress (it gives up "
         "sooner after 10 s without one); runs the backend did not hear the end of are "
         "named and the exit code is 1 (default 60)")
+    add("--library-check", type=float, default=_env_float("LIBRARY_CHECK", 30),
+        metavar="SECONDS", help="read the backend's library at start and after a run at "
+        "most this often, to warn once about each flow this worker does not serve "
+        "(0: after every run; default 30)")
     add("--log-rate", type=float, default=_env_float("LOG_RATE", 20), metavar="N",
         help="log entries per second per run after a burst of 50; output faster than "
         "that, or than the backend answers, is joined into entries of several lines "
@@ -198,6 +202,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           or DEFAULT_MAX_LOG_BYTES)
     _check(args.max_log_bytes >= MIN_LOG_FILE, "--max-log-file-size must be at least 16KiB")
     _check(args.final_flush >= 0, "--final-flush must be 0 or more")
+    _check(args.library_check >= 0, "--library-check must be 0 or more")
     return args
 
 

@@ -66,7 +66,8 @@ class Worker:
             log_rate=args.log_rate,
             max_log_entries=args.max_log_entries, progress_interval=args.progress_interval)
         self.library = FlowLibrary(executor.flows,
-                                   {name: executor.flow_tasks(name) for name in executor.flows})
+                                   {name: executor.flow_tasks(name) for name in executor.flows},
+                                   check_interval=args.library_check)
         self.flow_of: dict[str, str] = {}  # run id -> flow name, for the final report
         self.listener: RunListener = FanOut(
             LogFileListener(args.log_dir, args.max_log_bytes), self.backend, WorkerLog())
@@ -318,7 +319,7 @@ def serve(args: argparse.Namespace, executor: FlowExecutor, names: list[str]) ->
             code = _run_named(worker, names)
         else:
             worker.register_all(list(executor.flows))
-            worker.library.check(worker.client)
+            worker.library.check(worker.client, force=True)
             poller = threading.Thread(target=worker.poll_forever, name="poller", daemon=True)
             poller.start()
             worker.stop.wait()

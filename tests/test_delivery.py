@@ -337,7 +337,7 @@ def test_worker_warns_once_about_each_library_flow_it_does_not_serve(flows_modul
         for name in ("Billing Flow", "Other Team's Flow"):
             requests.post(f"{fake.url}/api/flows", timeout=5,
                           json={"name": name, "tasks": [{"name": "x"}]}).raise_for_status()
-        worker = start_worker(fake.url, flows_module, tmp_path)
+        worker = start_worker(fake.url, flows_module, tmp_path, "--library-check", "0")
         try:
             registered(fake)
             run_id = fake.trigger("Short Flow")

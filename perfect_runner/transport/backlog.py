@@ -41,6 +41,7 @@ class LogBacklog:
         self.entry_max_bytes = entry_max_bytes
         self._lines: deque[_Line] = deque()
         self.bytes = 0
+        self.count = 0  # output lines pending, dropped ones included
 
     def __bool__(self) -> bool:
         return bool(self._lines)
@@ -49,6 +50,7 @@ class LogBacklog:
         size = len(line.encode("utf-8", "replace")) + 1
         self._lines.append(_Line(seq, line, size))
         self.bytes += size
+        self.count += 1
 
     def drop(self, seq: int) -> None:
         """Count one dropped line into the marker at the end (a new one if needed)."""
@@ -57,14 +59,16 @@ class LogBacklog:
             tail.dropped += 1
         else:
             self._lines.append(_Line(seq, None, dropped=1))
+        self.count += 1
 
     def clear(self) -> None:
         self._lines.clear()
         self.bytes = 0
+        self.count = 0
 
     def line_count(self) -> int:
         """Output lines pending (dropped ones included)."""
-        return sum(line.dropped or 1 for line in self._lines)
+        return self.count
 
     def head_is_marker(self) -> bool:
         return bool(self._lines) and self._lines[0].text is None
@@ -95,6 +99,7 @@ class LogBacklog:
     def take(self, per_entry: int, where: str) -> Entry:
         """Pop up to `per_entry` lines (within the entry size) as one entry."""
         head = self._lines.popleft()
+        self.count -= head.dropped or 1
         if head.text is None:
             return Entry(f"{head.dropped} log lines not delivered to the backend (too slow "
                          f"to keep up); full log at {where}", head.dropped)
@@ -107,6 +112,7 @@ class LogBacklog:
                 break
             self._lines.popleft()
             self.bytes -= line.size
+            self.count -= 1
             taken.append(line.text)
             size += line.size
         if len(taken) == 1:

@@ -10,14 +10,17 @@ about the calls it never made, so it teaches nothing.
 
 Library check: the backend hands each execution request to whichever worker
 polls first, so every worker on one backend must serve the same flows. At
-start and after each run the worker lists the library and warns, once per
-flow, about flows it does not serve: their runs fail if it takes them.
+start and after a run the worker lists the library and warns, once per flow,
+about flows it does not serve: their runs fail if it takes them. After a run it
+reads the library at most once per `check_interval` seconds (the whole library
+comes in one answer, and runs may take a second each).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from ..executor.records import RunRecord
@@ -37,8 +40,11 @@ class FlowLibrary:
     """The worker's flows as the backend should see them."""
 
     def __init__(self, flows: dict[str, dict[str, Any]],
-                 static_tasks: dict[str, list[dict[str, Any]]]) -> None:
+                 static_tasks: dict[str, list[dict[str, Any]]],
+                 check_interval: float = 30.0) -> None:
         self.flows = flows
+        self.check_interval = check_interval
+        self._checked_at: float | None = None
         self._tasks = {name: [_from_source(t) for t in tasks]
                        for name, tasks in static_tasks.items()}
         self._warned: set[str] = set()
@@ -65,8 +71,17 @@ class FlowLibrary:
         with self._lock:
             self._tasks[run.flow_name] = calls
 
-    def check(self, client: PerfectAPIClient) -> list[str]:
-        """Warn once per library flow this worker does not serve; returns the new ones."""
+    def check(self, client: PerfectAPIClient, *, force: bool = False) -> list[str]:
+        """Warn once per library flow this worker does not serve; returns the new ones.
+
+        Without `force`, does nothing when the last check is under `check_interval` old.
+        """
+        now = time.monotonic()
+        with self._lock:
+            last = self._checked_at
+            if not force and last is not None and now - last < self.check_interval:
+                return []
+            self._checked_at = now
         result = client.list_flows()
         if not result.ok or not isinstance(result.body, list):
             log.debug("could not list the backend's library: %s", result.describe())

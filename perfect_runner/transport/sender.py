@@ -162,9 +162,13 @@ class RunSender:
     def log_lines(self, lines: Iterable[str]) -> None:
         """Queue several output lines under one lock acquisition."""
         with self._cond:
+            idle = not self._lines
             for line in lines:
                 self._add_line(line)
-            self._cond.notify()
+            if idle:
+                # Else the thread is busy or waiting for a rate slot with a timeout: waking
+                # it for every batch of a flood would only burn the control process's CPU.
+                self._cond.notify()
 
     def progress(self, task_index: int, payload: dict[str, Any], first: bool = False) -> None:
         """Queue a RUNNING update that may merge with an unsent one for the same task.
