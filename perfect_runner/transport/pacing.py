@@ -19,7 +19,7 @@ import time
 class Pace:
     """The backend's cost per entry and the log-rate token bucket (caller holds a lock)."""
 
-    def __init__(self, rate: float, burst: int = 50, initial_cost: float = 0.02) -> None:
+    def __init__(self, rate: float, burst: int = 50, initial_cost: float = 0.01) -> None:
         self.rate = rate  # 0: no cap
         self.burst = max(1, burst)
         self.cost = initial_cost
