@@ -471,27 +471,23 @@ class FakePerfect:
         """Hold the request for its configured delay; False if the server stopped meanwhile."""
         with self._cond:
             rule = next((d for d in self._delays if d.matches(rec.method, rec.path)), None)
-            if rule is None:
-                return True
-            deadline = time.monotonic() + rule.seconds
-            while self._generation == generation:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return True
-                self._cond.wait(remaining)
-            return False
+            return rule is None or self._hold(rule.seconds, generation)
 
     def _charge(self, rec: Recorded, run_id: str, generation: int) -> bool:
         """Hold a run write for its cost; False if the server stopped meanwhile."""
         with self._cond:
             rec.cost = self.extra_cost + self.cost_per_mb * self.run_size(run_id) / 2**20
-            deadline = time.monotonic() + rec.cost
-            while self._generation == generation:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return True
-                self._cond.wait(remaining)
-            return False
+            return self._hold(rec.cost, generation)
+
+    def _hold(self, seconds: float, generation: int) -> bool:
+        """Wait `seconds` (lock held); False if the server stopped meanwhile."""
+        deadline = time.monotonic() + seconds
+        while self._generation == generation:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            self._cond.wait(remaining)
+        return False
 
     def _take_fault(self, rec: Recorded) -> _Rule | None:
         with self._cond:
