@@ -141,7 +141,7 @@ def test_same_file_name_in_two_folders_via_the_worker(fake, tmp_path: Path) -> N
             run = fake.run(run_id)
             assert run["state"] == "COMPLETED", worker_output(tmp_path)
             assert run["tasks"][0]["result"]["note"] == f"{team} ran"
-            assert f"[Task Output] code of {team}" in fake.logs(run_id)
+            assert f"[Task Output] which: code of {team}" in fake.logs(run_id)
     finally:
         stop_worker(worker)
 

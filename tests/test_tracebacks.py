@@ -176,12 +176,13 @@ def test_backend_logs_panel_gets_the_traceback_as_task_stderr(flows, tmp_path):
         assert done.returncode == 0, done.stderr
         (run_id,) = fake.runs
         logs = "\n".join(fake.logs(run_id))
-    assert "[Task Output][stderr]   File" in logs
+    assert "[Task Output][stderr] import_customers:   File" in logs
     for text in ("load_customer_rows", "The above exception was the direct cause",
                  "RuntimeError: customer file is corrupt"):
         assert text in logs
     assert_no_runner_frames(logs)
-    assert logs.count("[Task Output][stderr] RuntimeError: customer file is corrupt") == 1
+    assert logs.count("[Task Output][stderr] import_customers: RuntimeError: customer file is "
+                      "corrupt") == 1
 
 
 def test_dump_filter_trims_runner_frames_across_batches_and_passes_other_lines():
