@@ -68,7 +68,6 @@ class Worker:
         self.library = FlowLibrary(executor.flows,
                                    {name: executor.flow_tasks(name) for name in executor.flows},
                                    check_interval=args.library_check)
-        self.flow_of: dict[str, str] = {}  # run id -> flow name, for the final report
         self.listener: RunListener = FanOut(
             LogFileListener(args.log_dir, args.max_log_bytes), self.backend, WorkerLog())
         self.stop = threading.Event()
@@ -220,7 +219,6 @@ class Worker:
             return report_failed_run(self.listener, flow_name, note, run_id)
 
     def execute(self, flow_name: str, run_id: str) -> RunRecord:
-        self.flow_of[run_id] = flow_name
         run = self.executor.new_run(flow_name, self.listener, run_id=run_id)
         with self._lock:
             self.runs[run_id] = run
@@ -248,7 +246,6 @@ class Worker:
 
     def _refuse(self, run_id: str, flow_name: str, note: str) -> None:
         """Report a run this worker will not execute as FAILED on the backend, with why."""
-        self.flow_of[run_id] = flow_name
         report_failed_run(self.listener, flow_name, note, run_id)
         self._await_delivery(run_id)
         if not self.stop.is_set():
@@ -294,11 +291,11 @@ class Worker:
         Says which runs the backend did not hear the end of; False if there were some.
         """
         lost = self.backend.flush(self.args.final_flush)
-        for run_id, left in lost.items():
-            flow = self.flow_of.get(run_id, "?")
-            print(f"perfect-runner: could not finish run {run_id} (flow {flow!r}) on the "
-                  f"backend at {self.args.server}: {left} update(s) not delivered; the full "
-                  f"log is in {self.args.log_dir}", file=sys.stderr)
+        for run in lost:
+            print(f"perfect-runner: could not finish run {clean_text(run.run_id)} (flow "
+                  f"{clean_text(run.flow_name)!r}) on the backend at {self.args.server}: "
+                  f"{run.left} update(s) not delivered; the full log is in "
+                  f"{self.args.log_dir}", file=sys.stderr)
         return not lost
 
     def _join_runs(self, deadline: float) -> None:

@@ -13,7 +13,7 @@ from fake_perfect import FakePerfect, Recorded
 
 from perfect_runner.executor.records import RunRecord
 from perfect_runner.transport.api import PerfectAPIClient
-from perfect_runner.transport.backend_listener import BackendListener
+from perfect_runner.transport.backend_listener import BackendListener, Unfinished
 from perfect_runner.transport.sender import RunSender
 
 TASKS = [{"name": "extract", "estimatedTime": 8000}, {"name": "load", "estimatedTime": 2000}]
@@ -156,7 +156,8 @@ def test_flush_names_the_runs_it_could_not_finish_when_the_backend_is_gone(fake,
     started = time.monotonic()
     lost = listener.flush(bound=10.0, stall=0.5)
     assert time.monotonic() - started < 2.0  # nothing delivered for 0.5 s: given up
-    assert list(lost) == [run_id] and lost[run_id] >= 1  # its complete at least
+    assert [(u.run_id, u.flow_name) for u in lost] == [(run_id, "Daily Sales ETL")]
+    assert lost[0].left >= 1  # its complete at least
 
 
 def test_flush_reports_a_run_whose_end_was_never_queued(fake, client) -> None:
@@ -165,4 +166,4 @@ def test_flush_reports_a_run_whose_end_was_never_queued(fake, client) -> None:
     run = RunRecord(run_id=run_id, flow_name="Daily Sales ETL")
     listener.run_started(run)
     listener.runner_log(run, "started, never finished")
-    assert listener.flush(bound=5.0) == {run_id: 1}
+    assert listener.flush(bound=5.0) == [Unfinished(run_id, "Daily Sales ETL", 1)]

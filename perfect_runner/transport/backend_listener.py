@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..executor.events import NullListener
@@ -30,6 +31,15 @@ FLOW_OUT = "[Flow Output] "
 FLOW_ERR = "[Flow Output][stderr] "
 RUNNER = "[perfect_runner] "
 FLUSH_STALL = 10.0  # a final flush gives up after this long without one delivery
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """A run whose end the backend did not hear: what the worker reports at exit."""
+
+    run_id: str
+    flow_name: str
+    left: int  # updates not delivered (at least 1: its complete)
 
 
 class BackendListener(NullListener):
@@ -136,14 +146,14 @@ class BackendListener(NullListener):
 
     def close(self, timeout: float) -> int:
         """Flush every sender within `timeout` seconds overall; returns items not delivered."""
-        return sum(self.flush(timeout, stall=timeout).values())
+        return sum(u.left for u in self.flush(timeout, stall=timeout))
 
-    def flush(self, bound: float, stall: float = FLUSH_STALL) -> dict[str, int]:
+    def flush(self, bound: float, stall: float = FLUSH_STALL) -> list[Unfinished]:
         """Deliver what every run has pending, as long as deliveries progress.
 
         Stops at `bound` seconds, or earlier when nothing at all was delivered for
-        `stall` seconds (the backend is really gone). Returns {run_id: items not
-        delivered} for the runs it could not finish (empty: everything arrived).
+        `stall` seconds (the backend is really gone). Returns the runs it could not
+        finish (empty: everything arrived).
         """
         with self._lock:
             senders = list(self._senders.values())
@@ -161,9 +171,10 @@ class BackendListener(NullListener):
             if total != delivered:
                 delivered, last_progress = total, time.monotonic()
         # A run whose end never reached the backend is lost even with nothing pending.
-        lost = {s.run_id: max(s.abandon(), 0 if s.run_over_on_backend else 1)
-                for s in senders}
-        return {run_id: left for run_id, left in lost.items() if left}
+        lost = [Unfinished(s.run_id, s.flow_name,
+                           max(s.abandon(), 0 if s.run_over_on_backend else 1))
+                for s in senders]
+        return [u for u in lost if u.left]
 
     def _forget_done(self) -> None:
         """Drop senders whose thread has exited (lock held)."""

@@ -109,7 +109,7 @@ class RunSender:
         self.log_path = log_path
         self.on_cancel = on_cancel
         self.on_fault = on_fault
-        self.flow_name = flow_name  # only for the test-only fault hook
+        self.flow_name = flow_name  # for the final report and the test-only fault hook
         self._faulted = False
         self.max_log_entries = max(2, max_log_entries)
         self.progress_interval = progress_interval
