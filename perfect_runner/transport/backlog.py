@@ -1,10 +1,11 @@
 """One run's pending log lines, and how they become log entries.
 
 Lines keep their order and their sequence number (shared with the run's state
-updates, so the sender knows which lines were printed before a state). A line
-dropped because the backlog is too long leaves a marker counting the lines
-dropped at that place; the marker becomes its own entry so the UI says so where
-it happened. The caller (the run's sender) holds the lock.
+updates, so the sender knows which lines were printed before a state). When the
+backlog is too long the oldest pending lines make room: a marker at the head
+counts them, and becomes its own entry, so the UI says so where they were. The
+newest lines are kept because the end of a task's output is where its errors
+and traceback are. The caller (the run's sender) holds the lock.
 """
 
 from __future__ import annotations
@@ -46,20 +47,33 @@ class LogBacklog:
     def __bool__(self) -> bool:
         return bool(self._lines)
 
-    def add(self, seq: int, line: str) -> None:
+    def add(self, seq: int, line: str, cap: int) -> int:
+        """Append a line, dropping the oldest ones while over `cap` bytes; how many."""
         size = len(line.encode("utf-8", "replace")) + 1
+        dropped = 0
+        while self.bytes + size > cap and self._drop_oldest():
+            dropped += 1
         self._lines.append(_Line(seq, line, size))
         self.bytes += size
         self.count += 1
+        return dropped
 
-    def drop(self, seq: int) -> None:
-        """Count one dropped line into the marker at the end (a new one if needed)."""
-        tail = self._lines[-1] if self._lines else None
-        if tail is not None and tail.text is None:
-            tail.dropped += 1
-        else:
-            self._lines.append(_Line(seq, None, dropped=1))
-        self.count += 1
+    def _drop_oldest(self) -> bool:
+        """Turn the oldest pending line into (or count it in) the marker at the head."""
+        head = self._lines[0] if self._lines else None
+        if head is None:
+            return False
+        if head.text is not None:
+            self._lines[0] = _Line(head.seq, None, dropped=1)
+            self.bytes -= head.size
+            return True
+        if len(self._lines) < 2:
+            return False
+        victim = self._lines[1]
+        del self._lines[1]
+        head.dropped += victim.dropped or 1
+        self.bytes -= victim.size
+        return True
 
     def clear(self) -> None:
         self._lines.clear()

@@ -22,9 +22,10 @@ Rules (each one protects the user's view of the run or the backend):
   joined entry starts with "[N lines]". Entries go at most `log_rate` per
   second after a burst of `log_burst`.
 - Short, bounded backlog: pending log text is capped at what the backend can
-  take in `max_backlog` seconds at its measured pace (and at `max_bytes`). Lines
-  past the cap are dropped and counted; one entry "N log lines not delivered to
-  the backend; full log at <path>" takes their place in the order. Past
+  take in `max_backlog` seconds at its measured pace (and at `max_bytes`). Past
+  the cap the oldest pending lines are dropped and counted (the newest, where
+  errors are, are kept); one entry "N log lines not delivered to the backend
+  (too slow to keep up); full log at <path>" takes their place. Past
   `max_log_entries` entries per run, output is kept only locally and one last
   entry says so. A state update and complete are never dropped.
 - Progress: RUNNING updates for a task coalesce (a newer pending one merges into
@@ -289,11 +290,7 @@ class RunSender:
             self.suppressed_lines += 1
             return
         line = _clip(line, self.entry_max_bytes - 32)
-        if self._lines.bytes + len(line) > self._backlog_cap():
-            self.dropped_lines += 1
-            self._lines.drop(self._next_seq())
-            return
-        self._lines.add(self._next_seq(), line)
+        self.dropped_lines += self._lines.add(self._next_seq(), line, self._backlog_cap())
 
     def _backlog_cap(self) -> int:
         """Log text the backend can take in `max_backlog` s at its pace (floor 256 KiB)."""
