@@ -148,7 +148,7 @@ def run_writes(fake: FakePerfect, run_id: str) -> list[Recorded]:
 def entry_lines(entry: str) -> list[str]:
     """The output lines of one log entry; one holding several says how many."""
     lines = entry.split("\n")
-    header = re.fullmatch(r"\[(\d+) lines\]|.*; the last (\d+) lines:", lines[0])
+    header = re.fullmatch(r"\[(\d+) lines\]|.*; the (?:last|next) (\d+) lines:", lines[0])
     if header:
         assert int(header.group(1) or header.group(2)) == len(lines) - 1, entry[:200]
         return lines[1:]

@@ -14,6 +14,7 @@ from fake_perfect import FakePerfect, Recorded
 from perfect_runner.executor.records import RunRecord
 from perfect_runner.transport.api import PerfectAPIClient
 from perfect_runner.transport.backend_listener import BackendListener, Unfinished
+from perfect_runner.transport.backlog import LogBacklog
 from perfect_runner.transport.sender import RunSender
 
 TASKS = [{"name": "extract", "estimatedTime": 8000}, {"name": "load", "estimatedTime": 2000}]
@@ -167,3 +168,15 @@ def test_flush_reports_a_run_whose_end_was_never_queued(fake, client) -> None:
     listener.run_started(run)
     listener.runner_log(run, "started, never finished")
     assert listener.flush(bound=5.0) == [Unfinished(run_id, "Daily Sales ETL", 1)]
+
+
+def test_a_full_backlog_drops_its_oldest_lines_and_says_so_before_the_next_ones() -> None:
+    backlog = LogBacklog(entry_max_bytes=1024)
+    dropped = sum(backlog.add(seq, f"line {seq:03d}", cap=100) for seq in range(50))
+    assert dropped == 39 and backlog.line_count() == 50  # 11 lines of 8+1 bytes fit in 100
+    entry = backlog.take(5, "/tmp/run.log")
+    assert entry.text.split("\n") == [
+        "39 log lines not delivered to the backend (too slow to keep up); full log at "
+        "/tmp/run.log; the next 4 lines:", "line 039", "line 040", "line 041", "line 042"]
+    assert entry.lines == 43 and backlog.line_count() == 7
+    assert backlog.take(1, "/tmp/run.log").text == "line 043"

@@ -224,7 +224,7 @@ def test_output_flood_bounded_memory_capped_entries_full_local_log(fake, flows_m
         log_path = tmp_path / "logs" / f"{run_id}.log"
         # Lines past the entry limit ("kept only locally") or left when the run ended
         # ("not sent to the backend") are announced by one entry each, where they are.
-        notices = [e for e in logs if re.match(r"\d+ (more )?log lines", e)]
+        notices = [e for e in logs if re.match(r"\d+ (more )?log lines were", e)]
         assert 1 <= len(notices) <= 2, [e[:200] for e in logs if "flood line" not in e]
         assert all(str(log_path) in n for n in notices), notices
         kept = sum(int(re.match(r"(\d+)", n).group(1)) for n in notices)

@@ -111,27 +111,41 @@ class LogBacklog:
         return True
 
     def take(self, per_entry: int, where: str) -> Entry:
-        """Pop up to `per_entry` lines (within the entry size) as one entry."""
-        head = self._lines.popleft()
-        self.count -= head.dropped or 1
+        """Pop up to `per_entry` lines (within the entry size) as one entry.
+
+        A drop marker at the head becomes a note, followed by the lines after it when
+        more than one line may go (one entry instead of two under a flood).
+        """
+        head = self._lines[0]
         if head.text is None:
-            return Entry(f"{head.dropped} log lines not delivered to the backend (too slow "
-                         f"to keep up); full log at {where}", head.dropped)
-        taken, size = [head.text], head.size
-        self.bytes -= head.size
-        limit = self.entry_max_bytes - HEADROOM
-        while self._lines and len(taken) < per_entry:
+            self._lines.popleft()
+            self.count -= head.dropped
+            note = (f"{head.dropped} log lines not delivered to the backend (too slow to "
+                    f"keep up); full log at {where}")
+            taken = self._pop_lines(per_entry - 1 if per_entry > 1 else 0, len(note))
+            if not taken:
+                return Entry(note, head.dropped)
+            return Entry(f"{note}; the next {len(taken)} lines:\n" + "\n".join(taken),
+                         head.dropped + len(taken), joined=True)
+        taken = self._pop_lines(per_entry, 0)
+        if len(taken) == 1:
+            return Entry(taken[0], 1)
+        return Entry(f"[{len(taken)} lines]\n" + "\n".join(taken), len(taken), joined=True)
+
+    def _pop_lines(self, most: int, used: int) -> list[str]:
+        """Up to `most` lines from the head that fit in an entry with `used` bytes taken."""
+        taken: list[str] = []
+        size, limit = used, self.entry_max_bytes - HEADROOM
+        while self._lines and len(taken) < most:
             line = self._lines[0]
-            if line.text is None or size + line.size > limit:
+            if line.text is None or ((taken or used) and size + line.size > limit):
                 break
             self._lines.popleft()
             self.bytes -= line.size
             self.count -= 1
             taken.append(line.text)
             size += line.size
-        if len(taken) == 1:
-            return Entry(taken[0], 1)
-        return Entry(f"[{len(taken)} lines]\n" + "\n".join(taken), len(taken), joined=True)
+        return taken
 
     def collapse(self, where: str) -> Entry:
         """Everything pending as one entry: the lines if they fit, else a note saying
