@@ -168,3 +168,14 @@ class LogBacklog:
             return Entry(note, count)
         return Entry(f"{note}; the last {len(tail)} lines:\n" + "\n".join(reversed(tail)),
                      count)
+
+
+def clip_line(line: str, max_bytes: int) -> str:
+    """Cut a single line that would not fit in one entry (the local log keeps it whole)."""
+    if len(line) * 4 <= max_bytes:
+        return line
+    raw = line.encode("utf-8", "replace")
+    if len(raw) <= max_bytes - 1:
+        return line
+    kept = raw[: max_bytes - 80].decode("utf-8", "ignore")
+    return f"{kept} ... [line of {len(raw)} bytes cut]"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 
 class Pace:
@@ -68,3 +69,53 @@ class Pace:
         """Entries that can be delivered in `seconds` at the sustained pace."""
         per_entry = max(self.cost, 1 / self.rate if self.rate else 0.0, 1e-4)
         return int(seconds / per_entry)
+
+
+class ProgressGate:
+    """How often a task's RUNNING updates go: coalesced while unsent, then throttled.
+
+    A newer update for a task whose last one is still queued merges into it (it keeps
+    its place); otherwise one is queued at most once per `interval`, and one leaves
+    the queue only if none was sent within `interval`. A task's first RUNNING (it may
+    create the task's row server-side) always goes. Items are the sender's queued
+    updates (anything with a `payload` dict). The caller holds its lock.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._pending: dict[int, Any] = {}
+        self._queued_at: dict[int, float] = {}
+        self._sent_at: dict[int, float] = {}
+
+    def merge(self, task_index: int, payload: dict[str, Any]) -> bool:
+        """True when an unsent update of the task took `payload` (nothing to queue)."""
+        pending = self._pending.get(task_index)
+        if pending is None:
+            return False
+        pending.payload.update(payload)
+        return True
+
+    def may_queue(self, task_index: int, first: bool, now: float) -> bool:
+        last = self._queued_at.get(task_index)
+        return first or last is None or now - last >= self.interval
+
+    def queued(self, task_index: int, item: Any, now: float) -> None:
+        self._pending[task_index] = item
+        self._queued_at[task_index] = now
+
+    def superseded(self, task_index: int) -> None:
+        """A final state of the task was queued: its unsent RUNNING takes no more merges."""
+        self._pending.pop(task_index, None)
+
+    def may_send(self, task_index: int, item: Any, first: bool, now: float) -> bool:
+        """The item leaves the queue: False drops it (one was sent too recently)."""
+        if self._pending.get(task_index) is item:
+            del self._pending[task_index]
+        last = self._sent_at.get(task_index)
+        return first or last is None or now - last >= self.interval
+
+    def sent(self, task_index: int, now: float) -> None:
+        self._sent_at[task_index] = now
+
+    def clear(self) -> None:
+        self._pending.clear()

@@ -55,8 +55,8 @@ from typing import Any
 
 from ..fault_injection import fault_point
 from .api import ApiResult, ApiStatus, PerfectAPIClient
-from .backlog import Entry, LogBacklog
-from .pacing import Pace
+from .backlog import Entry, LogBacklog, clip_line
+from .pacing import Pace, ProgressGate
 
 log = logging.getLogger("perfect_runner.transport")
 
@@ -132,9 +132,7 @@ class RunSender:
         self._stopped = False  # 404: nothing more for this run
         self._complete_at: float | None = None
         self._no_more_states = False  # a crucial FAILED was queued
-        self._pending_progress: dict[int, _Item] = {}
-        self._progress_queued_at: dict[int, float] = {}
-        self._running_sent_at: dict[int, float] = {}
+        self._progress = ProgressGate(progress_interval)
         self._limit_hit = False
         self._notice_sent = False
         self._logged: set[str] = set()
@@ -180,18 +178,13 @@ class RunSender:
         with self._cond:
             if not self._accepts_state():
                 return
-            pending = self._pending_progress.get(task_index)
-            if pending is not None:
-                pending.payload.update(payload)
-                return
             now = time.monotonic()
-            last = self._progress_queued_at.get(task_index)
-            if not first and last is not None and now - last < self.progress_interval:
+            if self._progress.merge(task_index, payload) or \
+                    not self._progress.may_queue(task_index, first, now):
                 return
             item = self._new_state(_STATE, task_index=task_index, payload=payload,
                                    progress=True, first=first)
-            self._pending_progress[task_index] = item
-            self._progress_queued_at[task_index] = now
+            self._progress.queued(task_index, item, now)
 
     def update(self, task_index: int, payload: dict[str, Any]) -> None:
         """Queue a state update that keeps its place (RETRYING, COMPLETED, FAILED...)."""
@@ -204,7 +197,7 @@ class RunSender:
         with self._cond:
             if not self._accepts_state():
                 return
-            self._pending_progress.pop(task_index, None)
+            self._progress.superseded(task_index)
             self._new_state(_STATE, task_index=task_index, payload={**payload, "state": state})
             if state == "FAILED" and payload.get("crucialPass") is not False:
                 self._no_more_states = True
@@ -289,7 +282,7 @@ class RunSender:
         if self._limit_hit:
             self.suppressed_lines += 1
             return
-        line = _clip(line, self.entry_max_bytes - 32)
+        line = clip_line(line, self.entry_max_bytes - 32)
         self.dropped_lines += self._lines.add(self._next_seq(), line, self._backlog_cap())
 
     def _backlog_cap(self) -> int:
@@ -300,7 +293,7 @@ class RunSender:
     def _clear(self) -> None:
         self._lines.clear()
         self._states.clear()
-        self._pending_progress.clear()
+        self._progress.clear()
 
     # -- choosing what goes next (lock held) ---------------------------------
 
@@ -374,13 +367,8 @@ class RunSender:
 
     def _admit_state(self, item: _Item) -> bool:
         """False drops a RUNNING update that comes too soon after the last one sent."""
-        if not item.progress:
-            return True
-        if self._pending_progress.get(item.task_index) is item:
-            del self._pending_progress[item.task_index]
-        last = self._running_sent_at.get(item.task_index)
-        recent = last is not None and time.monotonic() - last < self.progress_interval
-        return item.first or not recent
+        return not item.progress or self._progress.may_send(
+            item.task_index, item, item.first, time.monotonic())
 
     def _notice_due(self) -> bool:
         return not self._notice_sent and self.suppressed_lines > 0
@@ -494,7 +482,7 @@ class RunSender:
         if result.ok:
             if item.kind == _STATE and item.payload.get("state") == "RUNNING":
                 with self._cond:
-                    self._running_sent_at[item.task_index] = time.monotonic()
+                    self._progress.sent(item.task_index, time.monotonic())
             return
         if result.status is ApiStatus.NOT_FOUND and item.kind in (_STATE, _COMPLETE):
             self._not_found(item)
@@ -543,13 +531,3 @@ class RunSender:
         self._logged.add(key)
         log.log(level, msg, self.run_id, *args)
 
-
-def _clip(line: str, max_bytes: int) -> str:
-    """Cut a single line that would not fit in one entry (the local log keeps it whole)."""
-    if len(line) * 4 <= max_bytes:
-        return line
-    raw = line.encode("utf-8", "replace")
-    if len(raw) <= max_bytes - 1:
-        return line
-    kept = raw[: max_bytes - 80].decode("utf-8", "ignore")
-    return f"{kept} ... [line of {len(raw)} bytes cut]"
