@@ -10,6 +10,7 @@ synchronise through files they write; the tests through requests the fake record
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -264,6 +265,28 @@ def test_final_flush_of_a_run_goes_on_past_5s_while_deliveries_progress(flows_mo
         first, last = run_writes(fake, run_id)[0], run_writes(fake, run_id)[-1]
         assert last.path.endswith("/complete") and last.time - first.time > 5.0
     assert f"Many Tiny: run {run_id} COMPLETED" in worker_output(tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_flushes_a_finished_run_while_deliveries_progress(flows_module, tmp_path):
+    # The old shutdown flushed for 1 s; 12 tasks' states at 0.3 s each need ~8 s.
+    with FakePerfect(poll_hold=2.0, extra_cost=0.3) as fake:
+        worker = start_worker(fake.url, flows_module, tmp_path)
+        try:
+            registered(fake)
+            run_id = fake.trigger("Many Tiny")
+            fake.wait_for(lambda: any(r.path.endswith("/state") for r in run_writes(fake, run_id)),
+                          20)
+            worker.send_signal(signal.SIGTERM)
+            stopped = time.monotonic()
+            assert worker.wait(45) == 0, worker_output(tmp_path)[-2000:]
+        finally:
+            stop_worker(worker)
+        run = fake.run(run_id)
+        assert run["state"] == "COMPLETED"
+        assert [t["result"]["note"] for t in run["tasks"]] == [f"tiny {n}" for n in range(12)]
+        assert run_writes(fake, run_id)[-1].time - stopped > 3.0
+    assert "could not finish" not in worker_output(tmp_path)
 
 
 @pytest.mark.timeout(60)
