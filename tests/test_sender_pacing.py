@@ -180,3 +180,40 @@ def test_a_full_backlog_drops_its_oldest_lines_and_says_so_before_the_next_ones(
         "/tmp/run.log; the next 4 lines:", "line 039", "line 040", "line 041", "line 042"]
     assert entry.lines == 43 and backlog.line_count() == 7
     assert backlog.take(1, "/tmp/run.log").text == "line 043"
+
+
+def test_a_flood_drops_plain_output_before_stderr_and_runner_lines() -> None:
+    backlog = LogBacklog(entry_max_bytes=1024)
+    for seq in range(10):
+        backlog.add(seq, f"out {seq:03d}", cap=100)
+    backlog.add(10, "Traceback: boom", cap=100, keep=True)
+    dropped = sum(backlog.add(seq, f"out {seq:03d}", cap=100) for seq in range(11, 60))
+    assert dropped > 40
+    texts = []
+    while backlog:
+        texts.append(backlog.take(50, "/tmp/run.log").text)
+    shown = "\n".join(texts)
+    assert "Traceback: boom" in shown and "out 059" in shown
+    # The kept line sits where it was printed: after the plain lines dropped before it.
+    assert shown.index("not delivered") < shown.index("Traceback: boom")
+
+
+def test_a_traceback_in_the_middle_of_a_flood_reaches_the_backend(fake, client) -> None:
+    run_id = new_run(client)
+    fake.set_cost(extra=0.1)
+    sender = sender_for(client, run_id, log_rate=0)
+    warm_up(sender, fake, run_id)
+    sender.log_lines(f"flood {n:06d} " + "x" * 90 for n in range(30000))
+    sender.log_lines(["Traceback (most recent call last):", "KeyError: 'missing'"], keep=True)
+    sender.log("Task 'boom' (non-crucial) failed: KeyError: 'missing'")
+    sender.log_lines(f"flood {n:06d} " + "x" * 90 for n in range(30000, 90000))
+    sender.update(0, {"state": "COMPLETED", "taskName": "extract"})
+    sender.complete(1)
+    sender.finish()
+    assert sender.join(20)
+    logs = "\n".join(r.body["log"] for r in traffic(fake, run_id) if r.path.endswith("/logs"))
+    assert sender.dropped_lines + sender.collapsed_lines > 10000  # it was a real flood
+    for line in ("Traceback (most recent call last):", "KeyError: 'missing'",
+                 "Task 'boom' (non-crucial) failed: KeyError: 'missing'", "flood 089999"):
+        assert line in logs
+    assert fake.run(run_id)["state"] == "COMPLETED"

@@ -108,7 +108,7 @@ class BackendListener(NullListener):
         else:
             # Lines of several tasks may share an entry: each one says whose it is.
             prefix = (TASK_ERR if stream == "stderr" else TASK_OUT) + f"{task.name}: "
-        sender.log_lines(prefix + line for line in lines)
+        sender.log_lines((prefix + line for line in lines), keep=stream == "stderr")
 
     def task_retrying(self, run: RunRecord, task: TaskRecord) -> None:
         sender = self.sender(run.run_id)

@@ -5,7 +5,10 @@ updates, so the sender knows which lines were printed before a state). When the
 backlog is too long the oldest pending lines make room: a marker at the head
 counts them, and becomes its own entry, so the UI says so where they were. The
 newest lines are kept because the end of a task's output is where its errors
-and traceback are. The caller (the run's sender) holds the lock.
+and traceback are. Lines marked `keep` (stderr, the runner's own lines: where a
+person looks for why a task failed) are passed over while plain output near the
+head can go instead, so a traceback printed in the middle of a flood reaches the
+UI. The caller (the run's sender) holds the lock.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from collections import deque
 from dataclasses import dataclass
 
 HEADROOM = 32  # bytes of an entry kept for the "[N lines]" header
+# How far past the head a drop looks for plain output to drop instead of a kept
+# line: bounds the cost of a drop, and a traceback is rarely longer.
+KEEP_SCAN = 256
 
 
 @dataclass
@@ -24,6 +30,7 @@ class _Line:
     text: str | None
     size: int = 0
     dropped: int = 0
+    keep: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,33 +54,45 @@ class LogBacklog:
     def __bool__(self) -> bool:
         return bool(self._lines)
 
-    def add(self, seq: int, line: str, cap: int) -> int:
+    def add(self, seq: int, line: str, cap: int, keep: bool = False) -> int:
         """Append a line, dropping the oldest ones while over `cap` bytes; how many."""
         size = len(line.encode("utf-8", "replace")) + 1
         dropped = 0
         while self.bytes + size > cap and self._drop_oldest():
             dropped += 1
-        self._lines.append(_Line(seq, line, size))
+        self._lines.append(_Line(seq, line, size, keep=keep))
         self.bytes += size
         self.count += 1
         return dropped
 
     def _drop_oldest(self) -> bool:
-        """Turn the oldest pending line into (or count it in) the marker at the head."""
-        head = self._lines[0] if self._lines else None
-        if head is None:
+        """Turn the oldest droppable line into (or count it in) a marker at its place."""
+        index = self._victim()
+        if index is None:
             return False
-        if head.text is not None:
-            self._lines[0] = _Line(head.seq, None, dropped=1)
-            self.bytes -= head.size
-            return True
-        if len(self._lines) < 2:
-            return False
-        victim = self._lines[1]
-        del self._lines[1]
-        head.dropped += victim.dropped or 1
+        victim = self._lines[index]
         self.bytes -= victim.size
+        before = self._lines[index - 1] if index else None
+        if before is not None and before.text is None:
+            before.dropped += 1
+            del self._lines[index]
+        else:
+            self._lines[index] = _Line(victim.seq, None, dropped=1)
         return True
+
+    def _victim(self) -> int | None:
+        """The oldest plain line near the head, else the oldest line of any kind."""
+        first = None
+        for index, line in enumerate(self._lines):
+            if index >= KEEP_SCAN and first is not None:
+                break
+            if line.text is None:
+                continue
+            if not line.keep:
+                return index
+            if first is None:
+                first = index
+        return first
 
     def clear(self) -> None:
         self._lines.clear()
@@ -154,20 +173,41 @@ class LogBacklog:
         if self.fits_one_entry():
             return self.take(len(self._lines), where)
         count = self.line_count()
-        tail: list[str] = []
+        chosen = self._collapse_choice()
+        texts = [line.text for line in self._lines if id(line) in chosen and line.text]
+        kept = sum(1 for line in self._lines if id(line) in chosen and line.keep)
+        self.clear()
+        note = (f"{count - len(texts)} log lines were not sent to the backend (it was too "
+                f"slow to keep up when the run ended); full log at {where}")
+        if not texts:
+            return Entry(note, count)
+        what = f"the last {len(texts) - kept} lines"
+        if kept:
+            what = f"{kept} stderr and runner lines and {what}"
+        return Entry(f"{note}; {what}:\n" + "\n".join(texts), count)
+
+    def _collapse_choice(self) -> set[int]:
+        """Ids of the lines a collapsed entry shows: the last lines that fit in half an
+        entry, and before them the latest kept lines that fit in a quarter."""
+        chosen: set[int] = set()
         size, limit = 0, self.entry_max_bytes // 2
+        tail_start = len(self._lines)
         for line in reversed(self._lines):
             if line.text is None or size + line.size > limit:
                 break
-            tail.append(line.text)
+            chosen.add(id(line))
             size += line.size
-        self.clear()
-        note = (f"{count - len(tail)} log lines were not sent to the backend (it was too "
-                f"slow to keep up when the run ended); full log at {where}")
-        if not tail:
-            return Entry(note, count)
-        return Entry(f"{note}; the last {len(tail)} lines:\n" + "\n".join(reversed(tail)),
-                     count)
+            tail_start -= 1
+        size, limit = 0, self.entry_max_bytes // 4
+        for index in range(tail_start - 1, -1, -1):
+            line = self._lines[index]
+            if line.text is None or not line.keep:
+                continue
+            if size + line.size > limit:
+                break
+            chosen.add(id(line))
+            size += line.size
+        return chosen
 
 
 def clip_line(line: str, max_bytes: int) -> str:

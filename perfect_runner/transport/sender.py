@@ -155,15 +155,19 @@ class RunSender:
     # -- enqueue side (never blocks, never does I/O) -------------------------
 
     def log(self, line: str) -> None:
-        """Queue one output line (no trailing newline)."""
-        self.log_lines((line,))
+        """Queue one of the runner's own lines (no trailing newline): kept under a flood."""
+        self.log_lines((line,), keep=True)
 
-    def log_lines(self, lines: Iterable[str]) -> None:
-        """Queue several output lines under one lock acquisition."""
+    def log_lines(self, lines: Iterable[str], keep: bool = False) -> None:
+        """Queue several output lines under one lock acquisition.
+
+        `keep`: lines a person reads to learn why something failed (stderr, the
+        runner's own); a flood of plain output is dropped before them.
+        """
         with self._cond:
             idle = not self._lines
             for line in lines:
-                self._add_line(line)
+                self._add_line(line, keep)
             if idle:
                 # Else the thread is busy or waiting for a rate slot with a timeout: waking
                 # it for every batch of a flood would only burn the control process's CPU.
@@ -276,14 +280,14 @@ class RunSender:
         self._cond.notify()
         return item
 
-    def _add_line(self, line: str) -> None:
+    def _add_line(self, line: str, keep: bool) -> None:
         if self._stopped or self._complete_at is not None:
             return
         if self._limit_hit:
             self.suppressed_lines += 1
             return
         line = clip_line(line, self.entry_max_bytes - 32)
-        self.dropped_lines += self._lines.add(self._next_seq(), line, self._backlog_cap())
+        self.dropped_lines += self._lines.add(self._next_seq(), line, self._backlog_cap(), keep)
 
     def _backlog_cap(self) -> int:
         """Log text the backend can take in `max_backlog` s at its pace (floor 256 KiB)."""
