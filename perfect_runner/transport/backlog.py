@@ -183,7 +183,7 @@ class LogBacklog:
             return Entry(note, count)
         what = f"the last {len(texts) - kept} lines"
         if kept:
-            what = f"{kept} stderr and runner lines and {what}"
+            what = f"{kept} stderr or runner line{'s' if kept > 1 else ''} and {what}"
         return Entry(f"{note}; {what}:\n" + "\n".join(texts), count)
 
     def _collapse_choice(self) -> set[int]:
