@@ -81,11 +81,14 @@ TASK_FORGERIES = {
                      "frame payload of 4294967295 bytes exceeds 67108864"),
     "flow_frame": ('forge(frame({"type": "call_task", "key": "k", "name": "n"}))',
                    "a task process may not send call_task frames"),
-    "two_finals": ('forge(frame({"type": "task_returned", "result_type": "int"}, '
-                   'pickle.dumps(None)), '
+    "two_finals": ('forge(frame({"type": "task_returned", "result_type": "int"}), '
                    'frame({"type": "task_raised", "exc_type": "E", "message": "m", '
                    '"traceback": "t"}))',
                    "task_raised frame after its final frame"),
+    "blob_on_channel": ('forge(frame({"type": "task_returned", "result_type": "int"}, '
+                        'pickle.dumps(None)))',
+                        "frame payload of 4 bytes on its channel (payloads go on the payload "
+                        "channel)"),
     "after_good_frames": ('report_progress(10)\n    forge(b"junk" * 9)',
                           "frame header of 1786080875 bytes exceeds 4194304"),
 }
@@ -101,7 +104,7 @@ FLOW_FORGERIES = {
     "flow_flood": ('flood(struct.pack(">II", 2, 0xFFFFFFFF))',
                    "frame payload of 4294967295 bytes exceeds 67108864"),
     "call_before_reply": ('call = frame({"type": "call_task", "key": f"{__name__}:healthy", '
-                          '"name": "healthy"}, pickle.dumps(((), {})))\n'
+                          '"name": "healthy"})\n'
                           '    forge(call, call)',
                           "call_task frame while its task call awaits its reply"),
 }

@@ -3,7 +3,9 @@
 The flow body runs in a flow process. Each task call it makes arrives here as
 a CallTask; we number it (0-based, in call order), run it in a fresh task
 process (with retries), report it to the listeners, and answer the flow
-process with what the call evaluates to. Semantics follow Perfect's reference
+process with what the call evaluates to. Each attempt gets a payload channel
+straight between the flow and the task process (see `protocol`): the
+arguments and the result never pass through here. Semantics follow Perfect's reference
 client: a failed crucial task stops the flow (the call raises in the flow
 body) and fails the run; a failed non-crucial task is a warning and the call
 returns the task's TaskResult, or None.
@@ -50,6 +52,7 @@ from ..isolation.supervisor import TaskSupervisor
 from ..isolation.tracebacks import StackDumpFilter
 from .events import GuardedListener, RunListener
 from .options import RunOptions
+from .payload_path import PayloadPair, await_receipt, with_receipt
 from .records import AttemptSpan, RunRecord, TaskRecord, shown_state
 from .spare import WarmSpare
 from .task_setup import process_setup, task_limits, task_workdir
@@ -144,8 +147,7 @@ class FlowRun:
         try:
             flow = ChildProcess(self.launcher, ChildConfig(role="flow", parent_pid=0),
                                 self.loop, self._flow_output,
-                                max_blob=self.options.max_result,
-                                first_frame=(start, b""))
+                                max_blob=self.options.max_result, first_frame=start)
         except LaunchError as exc:
             self._fail_flow(f"could not start the flow process: {exc}")
             return
@@ -172,10 +174,9 @@ class FlowRun:
             if not flow.frames or flow.protocol_error:
                 self._flow_died(flow)
                 return
-            message, blob = flow.frames.popleft()
+            message, _ = flow.frames.popleft()
             if isinstance(message, CallTask):
-                flow.send(*self._call_task(message, blob, flow))
-                del blob  # a big payload is not kept while the next frame arrives
+                flow.send(self._call_task(message, flow))
             else:
                 self._flow_ended(message)
                 return
@@ -185,11 +186,10 @@ class FlowRun:
 
     # --- task calls -------------------------------------------------------
 
-    def _call_task(self, call: CallTask, args_blob: bytes,
-                   flow: ChildProcess) -> tuple[TaskReply, bytes]:
+    def _call_task(self, call: CallTask, flow: ChildProcess) -> TaskReply:
         if self._crucial_failed:
             return TaskReply(action="fail", task_name=call.name,
-                             note="the flow already failed; no more tasks run"), b""
+                             note="the flow already failed; no more tasks run")
         self._settle_retired()  # what the previous task started is gone before this one
         task = self._new_task(call)
         self.listener.task_started(self.run, task)
@@ -197,7 +197,7 @@ class FlowRun:
         if call.args_error:
             outcome = Outcome(Kind.UNSENDABLE, detail=call.args_error)
         else:
-            outcome = self._attempts(task, call, args_blob, flow)
+            outcome = self._attempts(task, call, flow)
         self._record_outcome(task, outcome)
         return self._reply(task, outcome)
 
@@ -213,15 +213,14 @@ class FlowRun:
         self.run.tasks.append(task)
         return task
 
-    def _attempts(self, task: TaskRecord, call: CallTask, args_blob: bytes,
-                  flow: ChildProcess) -> Outcome:
+    def _attempts(self, task: TaskRecord, call: CallTask, flow: ChildProcess) -> Outcome:
         meta = self.tasks_meta.get(call.key, {})
         retries = _option(meta, "retries", self.options.retries)
         delay = _option(meta, "retry_delay", self.options.retry_delay)
         started = time.monotonic()
         for attempt in range(1, retries + 2):
             task.attempts = attempt
-            outcome = self._attempt(task, call, args_blob, meta, attempt, started, flow)
+            outcome = self._attempt(task, call, meta, attempt, started, flow)
             if outcome.passed or attempt > retries or self.cancel_reason() or flow.over:
                 return outcome
             task.state, task.note = "RETRYING", f"attempt {attempt} failed: {outcome.note()}"
@@ -233,7 +232,7 @@ class FlowRun:
             task.state = "RUNNING"
         return outcome
 
-    def _attempt(self, task: TaskRecord, call: CallTask, args_blob: bytes, meta: dict[str, Any],
+    def _attempt(self, task: TaskRecord, call: CallTask, meta: dict[str, Any],
                  attempt: int, started: float, flow: ChildProcess) -> Outcome:
         limits = task_limits(meta, self.options)
         def stop_reason() -> tuple[Kind, str] | None:
@@ -265,11 +264,17 @@ class FlowRun:
                 tick, self.options.progress_interval, stop_reason,
                 full_tracebacks=self.options.full_tracebacks, fault=self._fault,
             )
+            channel = PayloadPair(flow, attempt, self.spare.prepare)
             try:
-                outcome = supervisor.run(request, args_blob, self.spare.take(),
-                                         self.spare.prepare)
+                outcome = supervisor.run(request, channel.task_end.fileno(), self.spare.take(),
+                                         channel.hand_over)
             finally:
+                channel.close()
                 self._retire(supervisor.leftover)
+            receipt = channel.handed_over and await_receipt(self.loop, flow, stop_reason,
+                                                            self._time_left)
+            if receipt:
+                outcome = with_receipt(outcome, receipt)
         span.ended_at, span.note = time.time(), outcome.note()
         span.state = shown_state("COMPLETED" if outcome.passed else "FAILED", span.note)
         task.traceback = outcome.traceback
@@ -324,18 +329,18 @@ class FlowRun:
             self._crucial_failed = self._crucial_failed or task.crucial_pass
         self.listener.task_finished(self.run, task)
 
-    def _reply(self, task: TaskRecord, outcome: Outcome) -> tuple[TaskReply, bytes]:
+    def _reply(self, task: TaskRecord, outcome: Outcome) -> TaskReply:
         name = task.name
         if outcome.kind is Kind.COMPLETED:
-            return TaskReply(action="return", task_name=name), outcome.blob
+            return TaskReply(action="return", task_name=name)
         if outcome.kind is Kind.NOT_PASSED and not task.crucial_pass:
-            return TaskReply(action="return", task_name=name), outcome.blob
+            return TaskReply(action="return", task_name=name)
         if not task.crucial_pass:
-            return TaskReply(action="return_none", task_name=name), b""
+            return TaskReply(action="return_none", task_name=name)
         note = clip(task.note, NOTE_MAX)  # a crash note quotes stderr lines of any length
-        if outcome.kind is Kind.RAISED and outcome.blob:
-            return TaskReply(action="raise", task_name=name, note=note), outcome.blob
-        return TaskReply(action="fail", task_name=name, note=note), b""
+        if outcome.kind is Kind.RAISED and outcome.has_value:
+            return TaskReply(action="raise", task_name=name, note=note)
+        return TaskReply(action="fail", task_name=name, note=note)
 
     # --- end of the flow --------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 It owns the parent ends of the child's pipes and channel, turns output bytes
 into lines and channel bytes into checked messages, and learns of the exit
-from the pidfd. It never unpickles anything: blobs are kept as bytes.
+from the pidfd. It never unpickles anything, and never sees a payload: those
+go on payload channels whose ends it only passes on (see `protocol`).
 
 A child that breaks the protocol (see `protocol`: a frame that fails its
 checks, comes out of turn or is too big) is done at once: its channel is
@@ -32,7 +33,6 @@ from .protocol import (
     Message,
     ProtocolError,
     encode_frame,
-    frame_head,
 )
 from .selector_loop import SelectorLoop
 from .tracebacks import is_dump_line
@@ -50,23 +50,24 @@ class ChildProcess:
     def __init__(self, launcher: Launcher, config: ChildConfig, loop: SelectorLoop,
                  on_output: OutputHandler, max_blob: int = DEFAULT_MAX_BLOB,
                  max_line: int = DEFAULT_MAX_LINE, stderr_tail: int = 5,
-                 first_frame: tuple[Message, bytes] | None = None,
+                 first_frame: Message | None = None, first_fds: tuple[int, ...] = (),
                  deferred: bool = False) -> None:
+        """`first_frame` waits for the child in its channel, with `first_fds` attached."""
         self.loop = loop
         self.on_output = on_output
         self.frames: deque[tuple[Message, bytes]] = deque()
         self.protocol_error = ""
         self.exit: ExitInfo | None = None
         self.stderr_tail: deque[str] = deque(maxlen=stderr_tail)
-        self._reader = FrameReader(max_blob, sender=config.role)
+        self._reader = FrameReader(max_blob, sender=config.role, blobs=False)
         self.conversation = Conversation(config.role)
         self._splitters = {"stdout": LineSplitter(max_line), "stderr": LineSplitter(max_line)}
         self._max_blob = max_blob
         self._killed: set[int] = set()  # descendants we SIGKILLed, awaited in `stop`
-        self._greeting = encode_frame(*first_frame, max_blob) if first_frame else b""
+        self._greeting = encode_frame(first_frame) if first_frame else b""
         if first_frame:
-            self.conversation.sent(first_frame[0])
-        self._pending: PendingChild | None = self._spawn(launcher, config)
+            self.conversation.sent(first_frame)
+        self._pending: PendingChild | None = self._spawn(launcher, config, first_fds)
         if not deferred:
             self.ready()
 
@@ -87,13 +88,15 @@ class ChildProcess:
         self.pid = self.handle.pid
         self._register()
 
-    def _spawn(self, launcher: Launcher, config: ChildConfig) -> PendingChild:
+    def _spawn(self, launcher: Launcher, config: ChildConfig,
+               fds: tuple[int, ...]) -> PendingChild:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         chan, chan_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # The first frame waits in the socket buffer, so the child reads it at once
         # instead of waiting for us to hear that it exists.
-        self._greeting = self._greeting[_send_some(chan, self._greeting):]
+        sent = _send_some(chan, self._greeting, fds)
+        self._greeting, fds = self._greeting[sent:], (fds if sent == 0 else ())
         for fd in (out_r, err_r):
             _enlarge_pipe(fd)
         self._fds = {"stdout": out_r, "stderr": err_r}
@@ -108,7 +111,7 @@ class ChildProcess:
             os.close(err_w)
             chan_child.close()
         if self._greeting:
-            self._send_raw(self._greeting)
+            self._send_raw(self._greeting, fds)
         return pending
 
     def _close_parent_ends(self) -> None:
@@ -125,18 +128,18 @@ class ChildProcess:
         self.loop.add(self.chan, self._read_channel)
         self.loop.add(self.handle.pidfd, self._on_exit)
 
-    def send(self, message: Message, blob: bytes = b"") -> bool:
-        """Send a frame; False when the child is already gone."""
+    def send(self, message: Message, fds: tuple[int, ...] = ()) -> bool:
+        """Send a frame, `fds` attached to its first byte; False when the child is gone."""
         self.conversation.sent(message)
         if self.chan.fileno() < 0:
             return False  # closed: it broke the protocol
-        return self._send_raw(frame_head(message, len(blob), self._max_blob), blob)
+        return self._send_raw(encode_frame(message), fds)
 
-    def _send_raw(self, *parts: bytes) -> bool:
+    def _send_raw(self, frame: bytes, fds: tuple[int, ...] = ()) -> bool:
         try:
             self.chan.setblocking(True)
-            for part in parts:
-                self.chan.sendall(part)
+            sent = socket.send_fds(self.chan, [frame], list(fds)) if fds else 0
+            self.chan.sendall(frame[sent:])
             return True
         except OSError:
             return False
@@ -255,13 +258,13 @@ class ChildProcess:
         self.handle.close()
 
 
-def _send_some(sock: socket.socket, data: bytes) -> int:
-    """Write what fits without blocking; how many bytes went."""
+def _send_some(sock: socket.socket, data: bytes, fds: tuple[int, ...]) -> int:
+    """Write what fits without blocking, `fds` with the first byte; how many bytes went."""
     if not data:
         return 0
     sock.setblocking(False)
     try:
-        return sock.send(data)
+        return socket.send_fds(sock, [data], list(fds)) if fds else sock.send(data)
     except BlockingIOError:
         return 0
 

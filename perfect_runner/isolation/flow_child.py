@@ -1,7 +1,9 @@
 """Child side of the flow channel: run the flow body, ship each task call out.
 
 The flow body runs here, never in the control process. Each task call becomes
-a CallTask frame; the reply says what the call evaluates to (see
+a CallTask frame; for each attempt the control process hands over a payload
+channel, on which the arguments go to the task process and its value comes
+back (see `payload`); the reply says what the call evaluates to (see
 `protocol.TaskReply`). Only this process unpickles task results.
 """
 
@@ -18,6 +20,7 @@ from ..sdk.errors import TaskFailed
 from ..sdk.registry import TaskDefinition, get_registry
 from ..sdk.units import format_limit, format_size, is_decimal
 from .child_bootstrap import apply_setup
+from .payload import PayloadError, Pickled, Received, pickled, recv_payload, send_payload
 from .protocol import (
     NAME_MAX,
     NOTE_MAX,
@@ -25,10 +28,13 @@ from .protocol import (
     CallTask,
     FlowFinished,
     FlowRaised,
+    PayloadChannel,
+    PayloadReceived,
     StartFlow,
     TaskReply,
     clip,
     recv_message,
+    recv_message_fds,
     send_message,
 )
 from .task_child import safe_str
@@ -49,47 +55,68 @@ class FlowRuntime:
         with self.lock:
             sys.stdout.flush()
             sys.stderr.flush()
-            self._send_call(task, args, kwargs)
-            reply, blob = recv_message(self._chan, sender="control")
+            payload = self._send_call(task, args, kwargs)
+            received = None  # what the last attempt's payload channel brought
+            while True:
+                reply, _, fds = recv_message_fds(self._chan, sender="control")
+                if not isinstance(reply, PayloadChannel):
+                    break
+                received = self._exchange(reply, fds, payload)
         if not isinstance(reply, TaskReply):
             raise TypeError(f"expected task_reply, got {reply.TYPE}")
-        return _evaluate(reply, blob)
+        return _evaluate(reply, received)
 
     def report_progress(self, percent: float) -> None:
         pass  # progress belongs to tasks, not to the flow body
 
-    def _send_call(self, task: TaskDefinition, args: tuple, kwargs: dict) -> None:
+    def _send_call(self, task: TaskDefinition, args: tuple, kwargs: dict) -> Pickled:
         try:
-            blob = pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+            payload = pickled((args, kwargs))
         except Exception as exc:  # noqa: BLE001 - name the argument type, not pickle internals
             bad = _unpicklable_part(args, kwargs)
             self._send_refusal(task, f"arguments of task {task.name!r} could not be pickled: "
                                f"{bad} ({type(exc).__name__}: {exc})")
-            return
-        if len(blob) > self._max_result:
-            size = format_size(len(blob), is_decimal(self._max_result))
+            return Pickled()
+        if payload.size > self._max_result:
+            size = format_size(payload.size, is_decimal(self._max_result))
             self._send_refusal(task, f"arguments of task {task.name!r} are {size}, "
                                f"over the result size cap of {format_limit(self._max_result)}")
-            return
-        send_message(self._chan, CallTask(key=task.key, name=task.name), blob, self._max_result)
+            return Pickled()
+        send_message(self._chan, CallTask(key=task.key, name=task.name))
+        return payload
 
     def _send_refusal(self, task: TaskDefinition, note: str) -> None:
         send_message(self._chan, CallTask(key=task.key, name=task.name,
                                           args_error=clip(note, NOTE_MAX)))
 
+    def _exchange(self, channel: PayloadChannel, fds: list[int], payload: Pickled) -> Received:
+        """One attempt: the arguments out, the task's payload in, the receipt to the control."""
+        if not fds:
+            raise TypeError("payload_channel frame without its channel")
+        received, note = Received(), ""
+        with socket.socket(fileno=fds[0]) as sock:
+            try:
+                send_payload(sock, payload)
+                received = recv_payload(sock, self._max_result)
+            except PayloadError as exc:
+                note = str(exc)
+        send_message(self._chan, PayloadReceived(attempt=channel.attempt, size=received.size,
+                                                 note=clip(note, NOTE_MAX)))
+        return received
 
-def _evaluate(reply: TaskReply, blob: bytes) -> Any:
+
+def _evaluate(reply: TaskReply, received: Received | None) -> Any:
     if reply.action == "return":
-        return pickle.loads(blob)
+        if received is None or not received.size:
+            raise TaskFailed(reply.task_name, reply.note or "its result did not arrive")
+        if received.error is not None:
+            raise received.error  # as unpickling the value in the flow body would
+        return received.value
     if reply.action == "return_none":
         return None
-    if reply.action == "raise" and blob:
-        try:
-            exc = pickle.loads(blob)
-        except Exception:  # noqa: BLE001 - fall back to the note
-            exc = None
-        if isinstance(exc, BaseException):
-            raise exc
+    if reply.action == "raise" and received is not None:
+        if isinstance(received.value, BaseException):
+            raise received.value
     raise TaskFailed(reply.task_name, reply.note)
 
 

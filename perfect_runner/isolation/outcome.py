@@ -41,7 +41,9 @@ class Outcome:
     exit: ExitInfo | None = None
     summary: dict[str, Any] | None = None  # TaskReturned header (JSON only)
     error: dict[str, Any] | None = None  # TaskRaised header (JSON only)
-    blob: bytes = b""  # opaque: pickled result or exception, for the flow process
+    # The flow process holds the task's value or exception (its receipt said so);
+    # the control process never sees it.
+    has_value: bool = False
     peak_rss: int = 0
     last_stderr: list[str] = field(default_factory=list)
     detail: str = ""  # kind-specific evidence, e.g. the limit that was hit

@@ -7,9 +7,17 @@ socket to the control process, on a file descriptor of its own, separate from
 fds 1 and 2. Output written to fds 1/2 is plain text on pipes and is never
 parsed for messages, so nothing a task prints can be mistaken for a message.
 
+Each attempt of a task call also gets a *payload channel*: a Unix stream
+socketpair the control process creates and hands out at once, one end to the
+flow process (with PayloadChannel) and one to the task process (with RunTask),
+as SCM_RIGHTS ancillary data on the first byte of that frame; it then closes
+both ends unread. Pickled bytes (the call's arguments, the task's return value
+or exception) go only there, straight between the two children: see `payload`
+for what is on it. The control process sees only headers and JSON summaries.
+
 Frames
 ------
-Each message is one frame::
+Each message on a channel is one frame::
 
     +----------------+----------------+-------------------+--------------+
     | header length  | blob length    | header            | blob         |
@@ -17,40 +25,54 @@ Each message is one frame::
     +----------------+----------------+-------------------+--------------+
 
 The header is a JSON object with a ``"type"`` key naming one of the message
-classes below; the other keys are that class's fields. The blob carries pickled
-bytes (task arguments, a return value, an exception). The control process
-reads headers only: it never unpickles a blob, it hands blobs on unchanged.
-`encode_frame` refuses oversized frames (see Sizes) and the reader rejects them
-before buffering them.
+classes below; the other keys are that class's fields. The blob is always
+empty between the control process and its children (payloads go on the
+payload channel); a child's frame with a blob is refused from its prefix.
+The control process reads headers only and never unpickles anything.
+`encode_frame` refuses oversized frames (see Sizes) and the reader rejects
+them before buffering them.
 
 Who speaks when
 ---------------
 Task channel::
 
-    control -> task   RunTask (blob: pickled (args, kwargs))        exactly once,
+    control -> task   RunTask (fd: its end of the payload channel)  exactly once,
                       may be sent long after the process started (a
                       warm spare): its `setup` (environment, cwd,
                       limits, user) is applied only then
     task -> control   Progress                                       0..n times
-    task -> control   TaskReturned (blob: pickled return value)   } exactly one,
-                      | TaskRaised (blob: pickled exception)      } then exit 0
-                      | TaskUnsendable (no blob)                  }
+    task -> control   TaskReturned | TaskRaised | TaskUnsendable     exactly one,
+                                                                     then exit 0
 
-A task process that exits without its final frame lost its result, whatever
-its exit code. Once the final frame is in, the task is over: the supervisor
-does not wait for the process to exit (it kills what is left of its tree, and
-the fork server reaps it), so exiting is off the task call's critical path.
+Before its final frame, the task process reads the arguments from its payload
+channel and writes exactly one payload back: the pickled return value
+(TaskReturned), the pickled exception (TaskRaised; empty when the exception
+cannot cross), or an empty one (TaskUnsendable). A task process that exits
+without its final frame lost its result, whatever its exit code. Once the
+final frame is in, the task is over: the supervisor does not wait for the
+process to exit (it kills what is left of its tree, and the fork server reaps
+it), so exiting is off the task call's critical path. Its payload is in the
+flow process's socket buffer by then: killing the task loses none of it.
 
 Flow channel::
 
     control -> flow   StartFlow                                      exactly once
-    flow -> control   CallTask (blob: pickled (args, kwargs))        0..n times,
-    control -> flow   TaskReply (blob: see `TaskReply.action`)       alternating
+    flow -> control   CallTask                                       0..n times, each:
+    control -> flow     PayloadChannel (fd)                          0..n times (one per
+    flow -> control     PayloadReceived                              attempt), each then
+                                                                     its PayloadReceived
+    control -> flow     TaskReply                                    once, ends the call
     flow -> control   FlowFinished | FlowRaised                      then exit 0
 
-The flow process sends a CallTask only after it got the reply to the previous
-one (flow bodies call tasks one at a time), and its final frame only when no
-call is waiting for its reply.
+On a PayloadChannel the flow process writes the call's arguments, reads the
+task's payload (unpickling it as it arrives) and answers PayloadReceived: its
+size, and a note when it did not arrive whole (the peer closed early, its size
+is over the cap). The control process waits for that receipt before it
+answers or starts the next attempt: a task whose final frame promised a value
+the flow process did not get broke the protocol. The flow process sends a
+CallTask only after it got the reply to the previous one (flow bodies call
+tasks one at a time), and its final frame only when no call is waiting for
+its reply.
 
 Validation
 ----------
@@ -60,26 +82,30 @@ come. `decode_header` checks every header against its class's `SCHEMA`
 missing or unknown keys; strict JSON, so no NaN or Infinity) and against the
 role of the sender (`TASK_SENDS`, `FLOW_SENDS`); `Conversation` checks the
 turn-taking above (nothing before the first frame went out, nothing after a
-final frame, no second CallTask before its reply). Any of that, or an
-oversized or garbled frame, is a `ProtocolError`: the control process kills
-the child's tree at once, closes the channel unread and fails the attempt with
-"broke the runner protocol: <what>" (a flow process's: the run). A frame cut
-short by the child's exit is not an error of its own: the exit says more.
+final frame, no second CallTask before its reply, a PayloadReceived only for
+the payload channel it was given). Any of that, or an oversized or garbled
+frame, is a `ProtocolError`: the control process kills the child's tree at
+once, closes the channel unread and fails the attempt with "broke the runner
+protocol: <what>" (a flow process's: the run). A frame cut short by the
+child's exit is not an error of its own: the exit says more. Whatever a child
+writes on a payload channel reaches only the other child, which checks it.
 
 Sizes
 -----
-Blobs are capped at the result cap the user set (`--max-result-size`, default
-64 MiB, at most `MAX_BLOB`: the length prefix is 32 bits), on every hop: the
-sending child checks it and reports a value that is too big with its size and
-the cap; the control process refuses a bigger frame from the prefix alone.
-Children read the control process's frames up to `MAX_BLOB` (it enforced the
-cap on the way in). Headers are capped at `MAX_HEADER`: a child whose result
-summary (note and table) does not fit sends TaskUnsendable saying so.
+Payloads are capped at the result cap the user set (`--max-result-size`,
+default 64 MiB, at most `MAX_BLOB`), by both children: the sender checks the
+size of what it pickled and reports a value that is too big with its size and
+the cap (CallTask.args_error, TaskUnsendable); the receiver refuses a bigger
+payload from its size prefix alone. The control process refuses a frame with
+a blob, or one over the cap, from its prefix. Headers are capped at
+`MAX_HEADER`: a child whose result summary (note and table) does not fit
+sends TaskUnsendable saying so.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 from collections.abc import Iterator
@@ -130,7 +156,7 @@ class Message:
 
 @dataclass
 class RunTask(Message):
-    """Run the task `key`; the blob holds pickled (args, kwargs)."""
+    """Run the task `key`; its arguments come on the payload channel sent with it."""
 
     TYPE: ClassVar[str] = "run_task"
     SCHEMA: ClassVar[dict[str, Check]] = {
@@ -156,7 +182,7 @@ class Progress(Message):
 
 @dataclass
 class TaskReturned(Message):
-    """The task returned; the blob is the pickled value, the rest a JSON summary."""
+    """The task returned (its pickled value went on the payload channel): a JSON summary."""
 
     TYPE: ClassVar[str] = "task_returned"
     SCHEMA: ClassVar[dict[str, Check]] = {
@@ -173,7 +199,7 @@ class TaskReturned(Message):
 
 @dataclass
 class TaskRaised(Message):
-    """The task raised; the blob is the pickled exception (tblib), may be empty."""
+    """The task raised; its pickled exception (tblib) went on the payload channel, if it could."""
 
     TYPE: ClassVar[str] = "task_raised"
     SCHEMA: ClassVar[dict[str, Check]] = {
@@ -216,9 +242,9 @@ class StartFlow(Message):
 
 @dataclass
 class CallTask(Message):
-    """The flow body called task `key`; the blob holds pickled (args, kwargs).
+    """The flow body called task `key`; its arguments go on each attempt's payload channel.
 
-    `args_error` is set instead of a blob when the arguments could not be sent.
+    `args_error` says why the arguments cannot be sent (no attempt runs then).
     """
 
     TYPE: ClassVar[str] = "call_task"
@@ -233,8 +259,9 @@ class CallTask(Message):
 class TaskReply(Message):
     """What the task call evaluates to in the flow body.
 
-    action: "return" (blob: pickled value), "return_none", "raise" (blob: pickled
-    exception), or "fail" (raise TaskFailed with `note`).
+    action: "return" (the value the last payload channel brought), "return_none",
+    "raise" (the exception the last payload channel brought), or "fail" (raise
+    TaskFailed with `note`).
     """
 
     TYPE: ClassVar[str] = "task_reply"
@@ -243,6 +270,30 @@ class TaskReply(Message):
         "task_name": Text(NAME_MAX), "note": Text(NOTE_MAX)}
     action: str
     task_name: str
+    note: str = ""
+
+
+@dataclass
+class PayloadChannel(Message):
+    """Attempt `attempt` of the call runs: its payload channel is the fd sent with this."""
+
+    TYPE: ClassVar[str] = "payload_channel"
+    SCHEMA: ClassVar[dict[str, Check]] = {"attempt": Integer(1, 1 << 31)}
+    attempt: int
+
+
+@dataclass
+class PayloadReceived(Message):
+    """The flow process's receipt for a payload channel: what came back on it.
+
+    `size`: bytes of the task's payload; `note`: why it did not arrive whole ("" if it did).
+    """
+
+    TYPE: ClassVar[str] = "payload_received"
+    SCHEMA: ClassVar[dict[str, Check]] = {
+        "attempt": Integer(1, 1 << 31), "size": BYTES, "note": Text(NOTE_MAX)}
+    attempt: int
+    size: int = 0
     note: str = ""
 
 
@@ -270,9 +321,9 @@ class FlowRaised(Message):
 # --- who may send what --------------------------------------------------------
 
 TASK_SENDS = frozenset({Progress, TaskReturned, TaskRaised, TaskUnsendable})
-FLOW_SENDS = frozenset({CallTask, FlowFinished, FlowRaised})
+FLOW_SENDS = frozenset({CallTask, PayloadReceived, FlowFinished, FlowRaised})
 SENDS = {"task": TASK_SENDS, "flow": FLOW_SENDS,
-         "control": frozenset({RunTask, StartFlow, TaskReply})}
+         "control": frozenset({RunTask, StartFlow, PayloadChannel, TaskReply})}
 
 
 def clip(text: str, limit: int) -> str:
@@ -292,11 +343,14 @@ class Conversation:
         self.role = role
         self.started = False  # our first frame (RunTask / StartFlow) went out
         self.awaiting_reply = False  # the flow's CallTask has no TaskReply yet
+        self.receipt_due: int | None = None  # the attempt whose PayloadReceived is due
         self.finished = False  # the child's final frame came in
 
     def sent(self, message: Message) -> None:
         if isinstance(message, RunTask | StartFlow):
             self.started = True
+        elif isinstance(message, PayloadChannel):
+            self.receipt_due = message.attempt
         elif isinstance(message, TaskReply):
             self.awaiting_reply = False
 
@@ -305,6 +359,12 @@ class Conversation:
             raise ProtocolError(f"{message.TYPE} frame after its final frame")
         if not self.started:
             raise ProtocolError(f"{message.TYPE} frame before it was given its work")
+        if isinstance(message, PayloadReceived):
+            if message.attempt != self.receipt_due:
+                raise ProtocolError(f"payload_received frame for attempt {message.attempt}, "
+                                    "which has no payload channel awaiting its receipt")
+            self.receipt_due = None
+            return
         if self.awaiting_reply:
             raise ProtocolError(f"{message.TYPE} frame while its task call awaits its reply")
         self.awaiting_reply = isinstance(message, CallTask)
@@ -386,9 +446,12 @@ class FrameReader:
     `sender` is the role whose frames these are ("task" or "flow"): see `SENDS`.
     """
 
-    def __init__(self, max_blob: int = DEFAULT_MAX_BLOB, sender: str | None = None) -> None:
+    def __init__(self, max_blob: int = DEFAULT_MAX_BLOB, sender: str | None = None,
+                 blobs: bool = True) -> None:
+        """`blobs=False`: any blob is an error (children send payloads elsewhere)."""
         self.max_blob = max_blob
         self.sender = sender
+        self.blobs = blobs
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> Iterator[tuple[Message, bytes]]:
@@ -414,6 +477,9 @@ class FrameReader:
             raise ProtocolError(f"frame header of {header_len} bytes exceeds {MAX_HEADER}")
         if blob_len > self.max_blob:
             raise ProtocolError(f"frame payload of {blob_len} bytes exceeds {self.max_blob}")
+        if blob_len and not self.blobs:
+            raise ProtocolError(f"frame payload of {blob_len} bytes on its channel "
+                                "(payloads go on the payload channel)")
 
 
 def send_message(sock: socket.socket, message: Message, blob: bytes = b"",
@@ -423,16 +489,40 @@ def send_message(sock: socket.socket, message: Message, blob: bytes = b"",
 
 def recv_message(sock: socket.socket, max_blob: int = MAX_BLOB,
                  sender: str | None = None) -> tuple[Message, bytes]:
-    """Blocking read of one frame (child side: from the control process, which
-    enforced the result cap already)."""
-    header_len, blob_len = PREFIX.unpack(_recv_exact(sock, PREFIX.size, "frame prefix"))
-    FrameReader(max_blob)._check_sizes(header_len, blob_len)
-    header = _recv_exact(sock, header_len, "frame header")
-    blob = _recv_exact(sock, blob_len, "frame payload")
-    return decode_header(header, sender), blob
+    """Blocking read of one frame (child side: from the control process)."""
+    message, blob, fds = recv_message_fds(sock, max_blob, sender)
+    for fd in fds:
+        os.close(fd)
+    return message, blob
 
 
-def _recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
+def recv_message_fds(sock: socket.socket, max_blob: int = MAX_BLOB, sender: str | None = None,
+                     max_fds: int = 1) -> tuple[Message, bytes, list[int]]:
+    """`recv_message`, and the fds sent with the frame (close-on-exec; the caller owns them)."""
+    prefix, fds, _, _ = socket.recv_fds(sock, PREFIX.size, max_fds, socket.MSG_CMSG_CLOEXEC)
+    if not prefix:
+        raise ChannelClosed(f"channel closed after 0 of {PREFIX.size} bytes of frame prefix")
+    try:
+        prefix += recv_exact(sock, PREFIX.size - len(prefix), "frame prefix")
+        header_len, blob_len = PREFIX.unpack(prefix)
+        FrameReader(max_blob)._check_sizes(header_len, blob_len)
+        header = recv_exact(sock, header_len, "frame header")
+        blob = recv_exact(sock, blob_len, "frame payload")
+        return decode_header(header, sender), blob, fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def send_message_fds(sock: socket.socket, message: Message, fds: list[int]) -> None:
+    """Send a frame without blob, `fds` attached to its first byte (SCM_RIGHTS)."""
+    frame = encode_frame(message)
+    sent = socket.send_fds(sock, [frame], fds)
+    sock.sendall(frame[sent:])
+
+
+def recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
     chunks = bytearray()
     while len(chunks) < size:
         chunk = sock.recv(min(size - len(chunks), 1 << 20))
@@ -440,6 +530,7 @@ def _recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
             raise ChannelClosed(f"channel closed after {len(chunks)} of {size} bytes of {what}")
         chunks += chunk
     return bytes(chunks)
+
 
 
 def _check_schemas() -> None:

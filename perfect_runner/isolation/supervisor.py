@@ -77,11 +77,13 @@ class Deadlines:
 
 
 def start_task_process(launcher: Launcher, loop: SelectorLoop, on_output: OutputHandler,
-                       max_result: int, first_frame: tuple[RunTask, bytes] | None = None,
-                       deferred: bool = False) -> ChildProcess:
-    """A task process; without `first_frame` it waits, bootstrapped, for its RunTask."""
+                       max_result: int, first_frame: RunTask | None = None,
+                       payload_fd: int | None = None, deferred: bool = False) -> ChildProcess:
+    """A task process; without `first_frame` it waits, bootstrapped, for its RunTask
+    (which carries `payload_fd`, its end of the payload channel)."""
     return ChildProcess(launcher, ChildConfig(role="task", parent_pid=0), loop, on_output,
                         max_blob=max_result, first_frame=first_frame,
+                        first_fds=() if payload_fd is None else (payload_fd,),
                         deferred=deferred)
 
 
@@ -118,21 +120,22 @@ class TaskSupervisor:
         if lines:
             self.on_output(stream, lines)
 
-    def run(self, request: RunTask, args_blob: bytes, spare: ChildProcess | None = None,
+    def run(self, request: RunTask, payload_fd: int, spare: ChildProcess | None = None,
             on_sent: Callable[[], None] | None = None) -> Outcome:
         """Run the attempt in `spare` (a task process started ahead) or a new process.
 
-        `on_sent` runs once the task has its RunTask: a good moment to start the
-        next spare, off this task's critical path.
+        `payload_fd` (the task's end of the payload channel) goes with the RunTask.
+        `on_sent` runs once the task has its RunTask: the moment to hand the flow
+        process its end, and to start the next spare, off this task's critical path.
         """
         if spare is not None:
             spare.on_output = self._output
-            spare.send(request, args_blob)
+            spare.send(request, (payload_fd,))
             child = spare
         else:
             try:
                 child = start_task_process(self.launcher, self.loop, self._output,
-                                           self.limits.max_result, (request, args_blob))
+                                           self.limits.max_result, request, payload_fd)
             except LaunchError as exc:
                 return Outcome(Kind.START_FAILED, detail=str(exc))
         if on_sent is not None:
@@ -149,7 +152,7 @@ class TaskSupervisor:
             # descendants' take a while: the caller awaits them (`leftover.stop()`)
             # later, off the critical path.
             child.close_io()
-            child.frames.clear()  # the outcome has the blob; a retired process keeps none
+            child.frames.clear()  # the outcome has what it needs; a retired process keeps none
             self.leftover = child
 
     def _watch(self, child: ChildProcess) -> None:
@@ -239,22 +242,21 @@ class TaskSupervisor:
             outcome.kind, outcome.detail = Kind.PROTOCOL, child.protocol_error
             return outcome
         if child.frames:
-            message, blob = child.frames[-1]
+            message, _ = child.frames[-1]
             outcome.peak_rss = max(outcome.peak_rss, getattr(message, "peak_rss", 0))
-            return _from_final_frame(outcome, message, blob)
+            return _from_final_frame(outcome, message)
         if exit_info and exit_info.signal:
             outcome.kind = Kind.CRASHED
         return outcome
 
 
-def _from_final_frame(outcome: Outcome, message: object, blob: bytes) -> Outcome:
+def _from_final_frame(outcome: Outcome, message: object) -> Outcome:
     if isinstance(message, TaskReturned):
         outcome.summary = message.header()
         failed = message.is_task_result and not message.passed
         outcome.kind = Kind.NOT_PASSED if failed else Kind.COMPLETED
-        outcome.blob = blob
     elif isinstance(message, TaskRaised):
-        outcome.kind, outcome.error, outcome.blob = Kind.RAISED, message.header(), blob
+        outcome.kind, outcome.error = Kind.RAISED, message.header()
     elif isinstance(message, TaskUnsendable):
         outcome.kind, outcome.detail = Kind.UNSENDABLE, message.note
     else:

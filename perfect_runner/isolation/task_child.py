@@ -1,8 +1,10 @@
 """Child side of the task channel: run one task call and send one final frame.
 
-See `protocol` for the conversation. Everything the task produces is pickled
-here and unpickled only in the flow process; the control process gets the
-JSON summary in the frame header.
+See `protocol` for the conversation. The arguments come from the flow process
+on the payload channel sent with RunTask; everything the task produces is
+pickled here, goes back on that channel (see `payload`) and is unpickled only
+in the flow process; the control process gets the JSON summary in the frame
+header.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..sdk.registry import TaskDefinition, get_registry
 from ..sdk.result import TaskResult
 from ..sdk.units import format_limit, format_size, is_decimal
 from .child_bootstrap import SOFT_STOP_SIGNAL, apply_setup
+from .payload import PayloadError, Pickled, pickled, recv_payload, send_payload
 from .protocol import (
     MAX_HEADER,
     NAME_MAX,
@@ -38,7 +41,7 @@ from .protocol import (
     clip,
     encode_frame,
     encode_header,
-    recv_message,
+    recv_message_fds,
     send_message,
 )
 from .tracebacks import format_exception
@@ -75,43 +78,48 @@ def _soft_stop(signum: int, frame: object) -> None:
 
 def run_task(chan: socket.socket) -> int:
     signal.signal(SOFT_STOP_SIGNAL, _soft_stop)
-    request, blob = recv_message(chan, sender="control")
-    if not isinstance(request, RunTask):
-        raise TypeError(f"expected run_task, got {request.TYPE}")
+    request, _, fds = recv_message_fds(chan, sender="control")
+    if not isinstance(request, RunTask) or not fds:
+        raise TypeError(f"expected run_task with its payload channel, got {request.TYPE}")
     apply_setup(request.setup)
     lock = threading.Lock()
     task_runtime = TaskRuntime(chan, lock)
-    reply, reply_blob = _execute(request, blob, task_runtime)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    reply.peak_rss = _peak_rss()
-    frame = final_frame(request, reply, reply_blob)
+    with socket.socket(fileno=fds[0]) as payload_channel:
+        reply, payload = _execute(request, payload_channel, task_runtime)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        reply.peak_rss = _peak_rss()
+        frame, payload = final_frame(request, reply, payload)
+        try:
+            send_payload(payload_channel, payload)  # before the final frame: see `protocol`
+        except PayloadError:
+            pass  # the flow process is gone or closed its end: its receipt says so
     with lock:
         chan.sendall(frame)
         task_runtime.closed = True
     return 0
 
 
-def final_frame(request: RunTask, reply: Message, blob: bytes) -> bytes:
-    """The frame for `reply`, or for what stands in for it when it is too big to send."""
-    if len(blob) > request.max_result and isinstance(reply, TaskRaised):
-        blob = b""  # the flow process gets the exception's text instead
+def final_frame(request: RunTask, reply: Message, payload: Pickled) -> tuple[bytes, Pickled]:
+    """The frame for `reply` and its payload, or what stands in for them when too big."""
+    if payload.size > request.max_result and isinstance(reply, TaskRaised):
+        payload = Pickled()  # the flow process gets the exception's text instead
     try:
         size = len(encode_header(reply))
     except ValueError as exc:  # an int too long for JSON, say
         return _unsendable(reply, f"result of task {request.name!r}: its note and table "
-                           f"cannot be sent as JSON ({exc})", request.max_result)
+                           f"cannot be sent as JSON ({exc})")
     if size > MAX_HEADER:
         return _unsendable(reply, f"result of task {request.name!r}: its note and table take "
                            f"{format_size(size)} as JSON, over the cap of "
                            f"{format_size(MAX_HEADER)} for a "
-                           "result summary; return fewer or smaller rows", request.max_result)
-    return encode_frame(reply, blob, request.max_result)
+                           "result summary; return fewer or smaller rows")
+    return encode_frame(reply), payload
 
 
-def _unsendable(reply: Message, note: str, max_result: int) -> bytes:
+def _unsendable(reply: Message, note: str) -> tuple[bytes, Pickled]:
     stand_in = TaskUnsendable(note=clip(note, NOTE_MAX), peak_rss=getattr(reply, "peak_rss", 0))
-    return encode_frame(stand_in, b"", max_result)
+    return encode_frame(stand_in), Pickled()
 
 
 def _peak_rss() -> int:
@@ -120,18 +128,24 @@ def _peak_rss() -> int:
     return usage * 1024
 
 
-def _execute(request: RunTask, blob: bytes, task_runtime: TaskRuntime) -> tuple[Message, bytes]:
+def _execute(request: RunTask, channel: socket.socket,
+             task_runtime: TaskRuntime) -> tuple[Message, Pickled]:
+    # The arguments are read first, whatever follows: the flow process is writing them.
+    try:
+        received = recv_payload(channel, request.max_result)
+    except PayloadError as exc:
+        return _refused(f"arguments of task {request.name!r} did not arrive whole: {exc}")
     definition = get_registry().tasks.get(request.key)
     if definition is None:
-        return TaskUnsendable(note=clip(f"task {request.name!r} is not defined at import time "
-                                        "of its module; define tasks at module top level",
-                                        NOTE_MAX)), b""
+        return _refused(f"task {request.name!r} is not defined at import time "
+                        "of its module; define tasks at module top level")
     try:
-        args, kwargs = pickle.loads(blob)
+        if received.error is not None:
+            raise received.error
+        args, kwargs = received.value
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported
-        return TaskUnsendable(note=clip(f"arguments of task {request.name!r} could not be "
-                                        f"unpickled: {type(exc).__name__}: {exc}",
-                                        NOTE_MAX)), b""
+        return _refused(f"arguments of task {request.name!r} could not be "
+                        f"unpickled: {type(exc).__name__}: {exc}")
     runtime.install(task_runtime)
     try:
         value = definition.func(*args, **kwargs)
@@ -142,19 +156,21 @@ def _execute(request: RunTask, blob: bytes, task_runtime: TaskRuntime) -> tuple[
     return _returned(request, value)
 
 
-def _returned(request: RunTask, value: Any) -> tuple[Message, bytes]:
+def _refused(note: str) -> tuple[Message, Pickled]:
+    return TaskUnsendable(note=clip(note, NOTE_MAX)), Pickled()
+
+
+def _returned(request: RunTask, value: Any) -> tuple[Message, Pickled]:
     try:
-        blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickled(value)
     except Exception as exc:  # noqa: BLE001 - name the type, not pickle's internals
-        return TaskUnsendable(note=clip(f"result of task {request.name!r} could not be pickled: "
-                                        f"{type(value).__name__} ({type(exc).__name__}: {exc})",
-                                        NOTE_MAX)), b""
-    if len(blob) > request.max_result:
-        size = format_size(len(blob), is_decimal(request.max_result))
-        return TaskUnsendable(note=clip(f"result of task {request.name!r} is {size}, over the "
-                                        f"result size cap of {format_limit(request.max_result)}",
-                                        NOTE_MAX)), b""
-    return summarize(value), blob
+        return _refused(f"result of task {request.name!r} could not be pickled: "
+                        f"{type(value).__name__} ({type(exc).__name__}: {exc})")
+    if payload.size > request.max_result:
+        size = format_size(payload.size, is_decimal(request.max_result))
+        return _refused(f"result of task {request.name!r} is {size}, over the "
+                        f"result size cap of {format_limit(request.max_result)}")
+    return summarize(value), payload
 
 
 def summarize(value: Any) -> TaskReturned:
@@ -171,7 +187,7 @@ def summarize(value: Any) -> TaskReturned:
     return TaskReturned(result_type=clip(type(value).__name__, NAME_MAX))
 
 
-def _raised(exc: BaseException, full: bool) -> tuple[Message, bytes]:
+def _raised(exc: BaseException, full: bool) -> tuple[Message, Pickled]:
     message = TaskRaised(exc_type=clip(type(exc).__name__, NAME_MAX),
                          message=safe_str(exc)[:NOTE_LIMIT],
                          traceback=format_exception(exc, full)[-TRACEBACK_MAX:])
@@ -180,8 +196,8 @@ def _raised(exc: BaseException, full: bool) -> tuple[Message, bytes]:
         blob = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
         pickle.loads(blob)  # an exception that pickles but cannot unpickle is no use
     except Exception:  # noqa: BLE001 - the flow process gets the text instead
-        blob = b""
-    return message, blob
+        return message, Pickled()
+    return message, Pickled([blob], len(blob))
 
 
 def safe_str(exc: BaseException) -> str:

@@ -1,0 +1,67 @@
+"""The control process's part in a payload channel: make it, hand it out, hear the receipt.
+
+Each attempt of a task call gets a fresh socketpair (see `protocol`). Its task
+end goes with the RunTask, its flow end with a PayloadChannel frame; the
+control process closes both at once and never reads them. The attempt's
+outcome then waits for the flow process's PayloadReceived: a task whose final
+frame promised a value the flow process did not get whole broke the protocol.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import replace
+
+from ..isolation.child_process import ChildProcess
+from ..isolation.outcome import Kind, Outcome
+from ..isolation.protocol import PayloadChannel, PayloadReceived
+from ..isolation.selector_loop import SelectorLoop
+
+
+class PayloadPair:
+    """One attempt's payload channel, held here only until both children have their end."""
+
+    def __init__(self, flow: ChildProcess, attempt: int, then: Callable[[], None]) -> None:
+        self.flow_end, self.task_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.flow = flow
+        self.attempt = attempt
+        self.then = then
+        self.handed_over = False  # the flow process has its end: a receipt is due
+
+    def hand_over(self) -> None:
+        """The task has its end (its RunTask went out): the flow process gets the other."""
+        self.task_end.close()
+        self.handed_over = self.flow.send(PayloadChannel(attempt=self.attempt),
+                                          (self.flow_end.fileno(),))
+        self.flow_end.close()
+        self.then()
+
+    def close(self) -> None:
+        self.task_end.close()
+        self.flow_end.close()
+
+
+def await_receipt(loop: SelectorLoop, flow: ChildProcess,
+                  stop: Callable[[], object], time_left: Callable[[], float | None]
+                  ) -> PayloadReceived | None:
+    """The flow process's receipt; None when the flow is over or the run stops first."""
+    while not flow.over and not stop():
+        # Mid-call the flow process may send nothing else (`Conversation`).
+        if flow.frames and isinstance(flow.frames[0][0], PayloadReceived):
+            return flow.frames.popleft()[0]
+        loop.poll(time_left())
+    return None
+
+
+def with_receipt(outcome: Outcome, receipt: PayloadReceived) -> Outcome:
+    """`outcome` as the receipt leaves it: a value the flow process holds, or a broken promise."""
+    if outcome.kind in (Kind.COMPLETED, Kind.NOT_PASSED):
+        if receipt.note or not receipt.size:
+            what = receipt.note or "it sent an empty payload"
+            return replace(outcome, kind=Kind.PROTOCOL,
+                           detail=f"its result did not reach the flow process: {what}")
+        outcome.has_value = True
+    elif outcome.kind is Kind.RAISED:
+        outcome.has_value = not receipt.note and receipt.size > 0
+    return outcome
