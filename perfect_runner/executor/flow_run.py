@@ -274,7 +274,7 @@ class FlowRun:
             receipt = channel.handed_over and await_receipt(self.loop, flow, stop_reason,
                                                             self._time_left)
             if receipt:
-                outcome = with_receipt(outcome, receipt)
+                outcome = with_receipt(outcome, receipt, call.name)
         span.ended_at, span.note = time.time(), outcome.note()
         span.state = shown_state("COMPLETED" if outcome.passed else "FAILED", span.note)
         task.traceback = outcome.traceback

@@ -54,14 +54,19 @@ def await_receipt(loop: SelectorLoop, flow: ChildProcess,
     return None
 
 
-def with_receipt(outcome: Outcome, receipt: PayloadReceived) -> Outcome:
-    """`outcome` as the receipt leaves it: a value the flow process holds, or a broken promise."""
+def with_receipt(outcome: Outcome, receipt: PayloadReceived, name: str) -> Outcome:
+    """`outcome` as the receipt of task `name` leaves it: a value the flow process
+    holds, one it cannot unpickle, or a broken promise."""
     if outcome.kind in (Kind.COMPLETED, Kind.NOT_PASSED):
         if receipt.note or not receipt.size:
             what = receipt.note or "it sent an empty payload"
             return replace(outcome, kind=Kind.PROTOCOL,
                            detail=f"its result did not reach the flow process: {what}")
+        if receipt.error:
+            return replace(outcome, kind=Kind.UNSENDABLE,
+                           detail=f"result of task {name!r} could not be unpickled in the "
+                                  f"flow process: {receipt.error}")
         outcome.has_value = True
     elif outcome.kind is Kind.RAISED:
-        outcome.has_value = not receipt.note and receipt.size > 0
+        outcome.has_value = not receipt.note and not receipt.error and receipt.size > 0
     return outcome

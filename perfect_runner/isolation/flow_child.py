@@ -100,8 +100,10 @@ class FlowRuntime:
                 received = recv_payload(sock, self._max_result)
             except PayloadError as exc:
                 note = str(exc)
-        send_message(self._chan, PayloadReceived(attempt=channel.attempt, size=received.size,
-                                                 note=clip(note, NOTE_MAX)))
+        error = received.error
+        send_message(self._chan, PayloadReceived(
+            attempt=channel.attempt, size=received.size, note=clip(note, NOTE_MAX),
+            error=clip(f"{type(error).__name__}: {safe_str(error)}", NOTE_MAX) if error else ""))
         return received
 
 

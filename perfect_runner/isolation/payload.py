@@ -96,8 +96,8 @@ def recv_payload(sock: socket.socket, cap: int) -> Received:
         reader = _Reader(sock, size)
         try:
             if size <= SMALL:
-                received.value = pickle.loads(recv_exact(sock, size, "payload"))
-                reader.left = 0
+                data, reader.left = recv_exact(sock, size, "payload"), 0
+                received.value = pickle.loads(data)
             else:
                 received.value = pickle.Unpickler(reader).load()
         except (ChannelClosed, PayloadError, OSError):

@@ -66,13 +66,14 @@ Flow channel::
 
 On a PayloadChannel the flow process writes the call's arguments, reads the
 task's payload (unpickling it as it arrives) and answers PayloadReceived: its
-size, and a note when it did not arrive whole (the peer closed early, its size
-is over the cap). The control process waits for that receipt before it
-answers or starts the next attempt: a task whose final frame promised a value
-the flow process did not get broke the protocol. The flow process sends a
-CallTask only after it got the reply to the previous one (flow bodies call
-tasks one at a time), and its final frame only when no call is waiting for
-its reply.
+size, a note when it did not arrive whole (the peer closed early, its size is
+over the cap), and the error when it does not unpickle. The control process
+waits for that receipt before it answers or starts the next attempt: a task
+whose final frame promised a value the flow process did not get broke the
+protocol; one the flow process cannot unpickle is unsendable. The flow process
+sends a CallTask only after it got the reply to the previous one (flow bodies
+call tasks one at a time), and its final frame only when no call is waiting
+for its reply.
 
 Validation
 ----------
@@ -286,15 +287,18 @@ class PayloadChannel(Message):
 class PayloadReceived(Message):
     """The flow process's receipt for a payload channel: what came back on it.
 
-    `size`: bytes of the task's payload; `note`: why it did not arrive whole ("" if it did).
+    `size`: bytes of the task's payload; `note`: why it did not arrive whole ("" if
+    it did); `error`: why it arrived whole but does not unpickle ("" if it does).
     """
 
     TYPE: ClassVar[str] = "payload_received"
     SCHEMA: ClassVar[dict[str, Check]] = {
-        "attempt": Integer(1, 1 << 31), "size": BYTES, "note": Text(NOTE_MAX)}
+        "attempt": Integer(1, 1 << 31), "size": BYTES, "note": Text(NOTE_MAX),
+        "error": Text(NOTE_MAX)}
     attempt: int
     size: int = 0
     note: str = ""
+    error: str = ""
 
 
 @dataclass
