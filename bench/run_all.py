@@ -24,7 +24,8 @@ from common import Row
 
 # In the order the issue lists them; others append theirs here.
 BENCHMARKS = ["start_overhead", "memory_size", "output_throughput", "footprint", "faults",
-              "http_cost", "heartbeat_load", "supervision_latency", "scale_out", "delivery"]
+              "http_cost", "heartbeat_load", "supervision_latency", "scale_out", "delivery",
+              "payload"]
 
 
 def run_one(name: str, quick: bool) -> tuple[list[Row], float]:
