@@ -519,13 +519,6 @@ def recv_message_fds(sock: socket.socket, max_blob: int = MAX_BLOB, sender: str 
         raise
 
 
-def send_message_fds(sock: socket.socket, message: Message, fds: list[int]) -> None:
-    """Send a frame without blob, `fds` attached to its first byte (SCM_RIGHTS)."""
-    frame = encode_frame(message)
-    sent = socket.send_fds(sock, [frame], fds)
-    sock.sendall(frame[sent:])
-
-
 def recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
     chunks = bytearray()
     while len(chunks) < size:
