@@ -72,6 +72,7 @@ class FlowRun:
         self.listener = GuardedListener(listener)
         self.options = options
         self._flow: ChildProcess | None = None
+        self._first: PayloadPair | None = None  # the next call's first payload channel
         self.loop = SelectorLoop()
         self.spare = WarmSpare(launcher, self.loop, options.max_result)
         self._retiring: list[ChildProcess] = []
@@ -144,18 +145,24 @@ class FlowRun:
     def _run_flow_process(self) -> None:
         start = StartFlow(flow_name=self.run.flow_name, run_id=self.run.run_id,
                           max_result=self.options.max_result, setup=process_setup(self.options))
+        self._first = PayloadPair()
         try:
             flow = ChildProcess(self.launcher, ChildConfig(role="flow", parent_pid=0),
                                 self.loop, self._flow_output,
-                                max_blob=self.options.max_result, first_frame=start)
+                                max_blob=self.options.max_result, first_frame=start,
+                                first_fds=(self._first.flow_end.fileno(),))
         except LaunchError as exc:
+            self._drop_first()
             self._fail_flow(f"could not start the flow process: {exc}")
             return
+        self._first.flow_end.close()
+        self._first.handed_over = True
         self._flow = flow
         self.spare.prepare()  # while the flow process imports and starts its body
         try:
             self._serve(flow)
         finally:
+            self._drop_first()
             self.spare.discard()
             flow.stop()
             self._flow = None
@@ -176,7 +183,10 @@ class FlowRun:
                 return
             message, _ = flow.frames.popleft()
             if isinstance(message, CallTask):
-                flow.send(self._call_task(message, flow))
+                reply = self._call_task(message, flow)
+                self._drop_first()  # unused when the arguments could not be sent
+                self._first = PayloadPair()
+                self._first.give_flow(flow, reply)
             else:
                 self._flow_ended(message)
                 return
@@ -186,8 +196,18 @@ class FlowRun:
 
     # --- task calls -------------------------------------------------------
 
+    def _drop_first(self) -> None:
+        if self._first is not None:
+            self._first.close()
+            self._first = None
+
     def _call_task(self, call: CallTask, flow: ChildProcess) -> TaskReply:
+        # The flow process is writing the arguments on the channel it got ahead.
+        first, self._first = (None, self._first) if call.args_error else (self._first, None)
         if self._crucial_failed:
+            if first is not None:
+                first.close()  # no task reads them: the flow process sees it and says so
+                await_receipt(self.loop, flow, self.cancel_reason, self._time_left)
             return TaskReply(action="fail", task_name=call.name,
                              note="the flow already failed; no more tasks run")
         self._settle_retired()  # what the previous task started is gone before this one
@@ -197,7 +217,7 @@ class FlowRun:
         if call.args_error:
             outcome = Outcome(Kind.UNSENDABLE, detail=call.args_error)
         else:
-            outcome = self._attempts(task, call, flow)
+            outcome = self._attempts(task, call, flow, first)
         self._record_outcome(task, outcome)
         return self._reply(task, outcome)
 
@@ -213,14 +233,16 @@ class FlowRun:
         self.run.tasks.append(task)
         return task
 
-    def _attempts(self, task: TaskRecord, call: CallTask, flow: ChildProcess) -> Outcome:
+    def _attempts(self, task: TaskRecord, call: CallTask, flow: ChildProcess,
+                  first: PayloadPair | None) -> Outcome:
         meta = self.tasks_meta.get(call.key, {})
         retries = _option(meta, "retries", self.options.retries)
         delay = _option(meta, "retry_delay", self.options.retry_delay)
         started = time.monotonic()
         for attempt in range(1, retries + 2):
             task.attempts = attempt
-            outcome = self._attempt(task, call, meta, attempt, started, flow)
+            pair, first = first or PayloadPair(), None
+            outcome = self._attempt(task, call, meta, attempt, started, flow, pair)
             if outcome.passed or attempt > retries or self.cancel_reason() or flow.over:
                 return outcome
             task.state, task.note = "RETRYING", f"attempt {attempt} failed: {outcome.note()}"
@@ -232,8 +254,8 @@ class FlowRun:
             task.state = "RUNNING"
         return outcome
 
-    def _attempt(self, task: TaskRecord, call: CallTask, meta: dict[str, Any],
-                 attempt: int, started: float, flow: ChildProcess) -> Outcome:
+    def _attempt(self, task: TaskRecord, call: CallTask, meta: dict[str, Any], attempt: int,
+                 started: float, flow: ChildProcess, channel: PayloadPair) -> Outcome:
         limits = task_limits(meta, self.options)
         def stop_reason() -> tuple[Kind, str] | None:
             # A flow process that broke the protocol is dead: nobody waits for this task.
@@ -264,10 +286,13 @@ class FlowRun:
                 tick, self.options.progress_interval, stop_reason,
                 full_tracebacks=self.options.full_tracebacks, fault=self._fault,
             )
-            channel = PayloadPair(flow, attempt, self.spare.prepare)
+            def on_sent() -> None:
+                channel.task_has_it(flow, attempt)
+                self.spare.prepare()
+
             try:
                 outcome = supervisor.run(request, channel.task_end.fileno(), self.spare.take(),
-                                         channel.hand_over)
+                                         on_sent)
             finally:
                 channel.close()
                 self._retire(supervisor.leftover)

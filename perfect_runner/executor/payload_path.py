@@ -1,10 +1,13 @@
 """The control process's part in a payload channel: make it, hand it out, hear the receipt.
 
 Each attempt of a task call gets a fresh socketpair (see `protocol`). Its task
-end goes with the RunTask, its flow end with a PayloadChannel frame; the
-control process closes both at once and never reads them. The attempt's
-outcome then waits for the flow process's PayloadReceived: a task whose final
-frame promised a value the flow process did not get whole broke the protocol.
+end goes with the RunTask; its flow end went ahead with the StartFlow or the
+previous TaskReply (a call's first attempt: the flow process writes the
+arguments as it calls, off the critical path) or goes with a PayloadChannel
+frame (a retry). The control process closes its copies as soon as both are
+out and never reads them. The attempt's outcome then waits for the flow
+process's PayloadReceived: a task whose final frame promised a value the flow
+process did not get whole broke the protocol.
 """
 
 from __future__ import annotations
@@ -15,27 +18,27 @@ from dataclasses import replace
 
 from ..isolation.child_process import ChildProcess
 from ..isolation.outcome import Kind, Outcome
-from ..isolation.protocol import PayloadChannel, PayloadReceived
+from ..isolation.protocol import Message, PayloadChannel, PayloadReceived
 from ..isolation.selector_loop import SelectorLoop
 
 
 class PayloadPair:
     """One attempt's payload channel, held here only until both children have their end."""
 
-    def __init__(self, flow: ChildProcess, attempt: int, then: Callable[[], None]) -> None:
+    def __init__(self) -> None:
         self.flow_end, self.task_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.flow = flow
-        self.attempt = attempt
-        self.then = then
-        self.handed_over = False  # the flow process has its end: a receipt is due
+        self.handed_over = False  # the flow process has its end: a receipt is due once used
 
-    def hand_over(self) -> None:
-        """The task has its end (its RunTask went out): the flow process gets the other."""
-        self.task_end.close()
-        self.handed_over = self.flow.send(PayloadChannel(attempt=self.attempt),
-                                          (self.flow_end.fileno(),))
+    def give_flow(self, flow: ChildProcess, message: Message) -> None:
+        """Send `message` to the flow process with its end attached."""
+        self.handed_over = flow.send(message, (self.flow_end.fileno(),))
         self.flow_end.close()
-        self.then()
+
+    def task_has_it(self, flow: ChildProcess, attempt: int) -> None:
+        """The task's RunTask went out; a retry's flow end goes now (a first attempt's is there)."""
+        self.task_end.close()
+        if not self.handed_over:
+            self.give_flow(flow, PayloadChannel(attempt=attempt))
 
     def close(self) -> None:
         self.task_end.close()

@@ -66,7 +66,7 @@ class ChildProcess:
         self._killed: set[int] = set()  # descendants we SIGKILLed, awaited in `stop`
         self._greeting = encode_frame(first_frame) if first_frame else b""
         if first_frame:
-            self.conversation.sent(first_frame)
+            self.conversation.sent(first_frame, bool(first_fds))
         self._pending: PendingChild | None = self._spawn(launcher, config, first_fds)
         if not deferred:
             self.ready()
@@ -130,7 +130,7 @@ class ChildProcess:
 
     def send(self, message: Message, fds: tuple[int, ...] = ()) -> bool:
         """Send a frame, `fds` attached to its first byte; False when the child is gone."""
-        self.conversation.sent(message)
+        self.conversation.sent(message, bool(fds))
         if self.chan.fileno() < 0:
             return False  # closed: it broke the protocol
         return self._send_raw(encode_frame(message), fds)

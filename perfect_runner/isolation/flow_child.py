@@ -33,7 +33,6 @@ from .protocol import (
     StartFlow,
     TaskReply,
     clip,
-    recv_message,
     recv_message_fds,
     send_message,
 )
@@ -44,9 +43,11 @@ from .tracebacks import format_exception
 class FlowRuntime:
     """Installed while the flow body runs: each task call goes to the control process."""
 
-    def __init__(self, chan: socket.socket, max_result: int) -> None:
+    def __init__(self, chan: socket.socket, max_result: int, fds: list[int]) -> None:
         self._chan = chan
         self._max_result = max_result
+        self._ahead: socket.socket | None = None  # the next call's first payload channel
+        self._take_ahead(fds)
         # Task calls from several threads of a flow body run one at a time, and the
         # final frame waits for a call in flight (the protocol forbids anything else).
         self.lock = threading.Lock()
@@ -57,31 +58,42 @@ class FlowRuntime:
             sys.stderr.flush()
             payload = self._send_call(task, args, kwargs)
             received = None  # what the last attempt's payload channel brought
+            if payload is not None and self._ahead is not None:
+                channel, self._ahead = self._ahead, None
+                received = self._exchange(1, channel, payload)  # the first attempt's
             while True:
                 reply, _, fds = recv_message_fds(self._chan, sender="control")
-                if not isinstance(reply, PayloadChannel):
+                if not isinstance(reply, PayloadChannel) or payload is None:
                     break
-                received = self._exchange(reply, fds, payload)
-        if not isinstance(reply, TaskReply):
-            raise TypeError(f"expected task_reply, got {reply.TYPE}")
+                received = self._exchange(reply.attempt, _socket(fds), payload)
+            if not isinstance(reply, TaskReply):
+                raise TypeError(f"expected task_reply, got {reply.TYPE}")
+            self._take_ahead(fds)
         return _evaluate(reply, received)
+
+    def _take_ahead(self, fds: list[int]) -> None:
+        """The channel for the next call's first attempt (it replaces an unused one)."""
+        if self._ahead is not None:
+            self._ahead.close()
+        self._ahead = _socket(fds) if fds else None
 
     def report_progress(self, percent: float) -> None:
         pass  # progress belongs to tasks, not to the flow body
 
-    def _send_call(self, task: TaskDefinition, args: tuple, kwargs: dict) -> Pickled:
+    def _send_call(self, task: TaskDefinition, args: tuple, kwargs: dict) -> Pickled | None:
+        """Send the CallTask; the pickled arguments, or None when they cannot be sent."""
         try:
             payload = pickled((args, kwargs))
         except Exception as exc:  # noqa: BLE001 - name the argument type, not pickle internals
             bad = _unpicklable_part(args, kwargs)
             self._send_refusal(task, f"arguments of task {task.name!r} could not be pickled: "
                                f"{bad} ({type(exc).__name__}: {exc})")
-            return Pickled()
+            return None
         if payload.size > self._max_result:
             size = format_size(payload.size, is_decimal(self._max_result))
             self._send_refusal(task, f"arguments of task {task.name!r} are {size}, "
                                f"over the result size cap of {format_limit(self._max_result)}")
-            return Pickled()
+            return None
         send_message(self._chan, CallTask(key=task.key, name=task.name))
         return payload
 
@@ -89,12 +101,10 @@ class FlowRuntime:
         send_message(self._chan, CallTask(key=task.key, name=task.name,
                                           args_error=clip(note, NOTE_MAX)))
 
-    def _exchange(self, channel: PayloadChannel, fds: list[int], payload: Pickled) -> Received:
+    def _exchange(self, attempt: int, sock: socket.socket, payload: Pickled) -> Received:
         """One attempt: the arguments out, the task's payload in, the receipt to the control."""
-        if not fds:
-            raise TypeError("payload_channel frame without its channel")
         received, note = Received(), ""
-        with socket.socket(fileno=fds[0]) as sock:
+        with sock:
             try:
                 send_payload(sock, payload)
                 received = recv_payload(sock, self._max_result)
@@ -102,9 +112,15 @@ class FlowRuntime:
                 note = str(exc)
         error = received.error
         send_message(self._chan, PayloadReceived(
-            attempt=channel.attempt, size=received.size, note=clip(note, NOTE_MAX),
+            attempt=attempt, size=received.size, note=clip(note, NOTE_MAX),
             error=clip(f"{type(error).__name__}: {safe_str(error)}", NOTE_MAX) if error else ""))
         return received
+
+
+def _socket(fds: list[int]) -> socket.socket:
+    if not fds:
+        raise TypeError("a payload channel frame came without its channel")
+    return socket.socket(fileno=fds[0])
 
 
 def _evaluate(reply: TaskReply, received: Received | None) -> Any:
@@ -132,12 +148,12 @@ def _unpicklable_part(args: tuple, kwargs: dict) -> str:
 
 
 def run_flow(chan: socket.socket) -> int:
-    start, _ = recv_message(chan, sender="control")
+    start, _, fds = recv_message_fds(chan, sender="control")
     if not isinstance(start, StartFlow):
         raise TypeError(f"expected start_flow, got {start.TYPE}")
     apply_setup(start.setup)
     definition = get_registry().flows[start.flow_name]
-    flow_runtime = FlowRuntime(chan, start.max_result)
+    flow_runtime = FlowRuntime(chan, start.max_result, fds)
     runtime.install(flow_runtime)
     try:
         definition.func()

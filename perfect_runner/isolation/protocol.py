@@ -8,10 +8,10 @@ fds 1 and 2. Output written to fds 1/2 is plain text on pipes and is never
 parsed for messages, so nothing a task prints can be mistaken for a message.
 
 Each attempt of a task call also gets a *payload channel*: a Unix stream
-socketpair the control process creates and hands out at once, one end to the
-flow process (with PayloadChannel) and one to the task process (with RunTask),
-as SCM_RIGHTS ancillary data on the first byte of that frame; it then closes
-both ends unread. Pickled bytes (the call's arguments, the task's return value
+socketpair the control process creates and hands out, one end to the flow
+process and one to the task process (with RunTask), as SCM_RIGHTS ancillary
+data on the first byte of a frame; it closes its copies unread as soon as
+both are out. Pickled bytes (the call's arguments, the task's return value
 or exception) go only there, straight between the two children: see `payload`
 for what is on it. The control process sees only headers and JSON summaries.
 
@@ -56,24 +56,29 @@ flow process's socket buffer by then: killing the task loses none of it.
 
 Flow channel::
 
-    control -> flow   StartFlow                                      exactly once
+    control -> flow   StartFlow (fd: a payload channel)              exactly once
     flow -> control   CallTask                                       0..n times, each:
-    control -> flow     PayloadChannel (fd)                          0..n times (one per
-    flow -> control     PayloadReceived                              attempt), each then
-                                                                     its PayloadReceived
-    control -> flow     TaskReply                                    once, ends the call
+    flow -> control     PayloadReceived (attempt 1)                  unless args_error
+    control -> flow     PayloadChannel (fd)                          0..n times (retries),
+    flow -> control     PayloadReceived                              each then its receipt
+    control -> flow     TaskReply (fd: a payload channel)            once, ends the call
     flow -> control   FlowFinished | FlowRaised                      then exit 0
 
-On a PayloadChannel the flow process writes the call's arguments, reads the
-task's payload (unpickling it as it arrives) and answers PayloadReceived: its
-size, a note when it did not arrive whole (the peer closed early, its size is
-over the cap), and the error when it does not unpickle. The control process
-waits for that receipt before it answers or starts the next attempt: a task
-whose final frame promised a value the flow process did not get broke the
-protocol; one the flow process cannot unpickle is unsendable. The flow process
-sends a CallTask only after it got the reply to the previous one (flow bodies
-call tasks one at a time), and its final frame only when no call is waiting
-for its reply.
+StartFlow and every TaskReply carry the payload channel of the next call's
+first attempt (a new one replaces one left unused), so the flow process
+writes a call's arguments as soon as it sent the CallTask, and the task finds
+them waiting when its RunTask comes. A retry's channel comes in a
+PayloadChannel frame, after the retry's RunTask went out. On each channel the
+flow process writes the arguments, reads the task's payload (unpickling it as
+it arrives) and answers PayloadReceived: its size, a note when it did not
+arrive whole (the peer closed early, its size is over the cap), and the error
+when it does not unpickle. The control process waits for that receipt before
+it answers or starts the next attempt, closing the task's end first when no
+task will read it: a task whose final frame promised a value the flow process
+did not get broke the protocol; one the flow process cannot unpickle is
+unsendable. The flow process sends a CallTask only after it got the reply to
+the previous one (flow bodies call tasks one at a time), and its final frame
+only when no call is waiting for its reply.
 
 Validation
 ----------
@@ -348,12 +353,15 @@ class Conversation:
         self.started = False  # our first frame (RunTask / StartFlow) went out
         self.awaiting_reply = False  # the flow's CallTask has no TaskReply yet
         self.receipt_due: int | None = None  # the attempt whose PayloadReceived is due
+        self.channel_ahead = False  # the flow holds the next call's first payload channel
         self.finished = False  # the child's final frame came in
 
-    def sent(self, message: Message) -> None:
+    def sent(self, message: Message, with_fd: bool = False) -> None:
         if isinstance(message, RunTask | StartFlow):
             self.started = True
-        elif isinstance(message, PayloadChannel):
+        if isinstance(message, StartFlow | TaskReply):
+            self.channel_ahead = with_fd
+        if isinstance(message, PayloadChannel):
             self.receipt_due = message.attempt
         elif isinstance(message, TaskReply):
             self.awaiting_reply = False
@@ -372,6 +380,8 @@ class Conversation:
         if self.awaiting_reply:
             raise ProtocolError(f"{message.TYPE} frame while its task call awaits its reply")
         self.awaiting_reply = isinstance(message, CallTask)
+        if isinstance(message, CallTask) and not message.args_error and self.channel_ahead:
+            self.receipt_due, self.channel_ahead = 1, False  # it uses the channel it holds
         self.finished = message.FINAL
 
 
