@@ -101,11 +101,19 @@ def _one_child(key: str, profile_path: str | None) -> tuple[float, float, float]
     chan_child.close()
     request = {"type": "run_task", "key": key, "name": "noop", "index": 0, "attempt": 1,
                "max_result": 64 << 20}
-    chan.sendall(_frame(request, pickle.dumps(((), {}), protocol=pickle.HIGHEST_PROTOCOL)))
+    # The arguments go on the payload channel sent with the RunTask (see payload.py).
+    payload, payload_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    args = pickle.dumps(((), {}), protocol=pickle.HIGHEST_PROTOCOL)
+    payload.sendall(struct.pack(">Q", len(args)) + args)
+    socket.send_fds(chan, [_frame(request)], [payload_child.fileno()])
+    payload_child.close()
+    (result_len,) = struct.unpack(">Q", _recv_exact(payload, 8))
+    _recv_exact(payload, result_len)
     header_len, blob_len = PREFIX.unpack(_recv_exact(chan, PREFIX.size))
     reply = json.loads(_recv_exact(chan, header_len))
     _recv_exact(chan, blob_len)
     replied = time.perf_counter()
+    payload.close()
     os.waitpid(pid, 0)
     reaped = time.perf_counter()
     chan.close()
