@@ -139,6 +139,42 @@ def no_receipt():
                  receipt=False)
 
 
+@task(retries=1)
+def lies_then_tells(data):
+    counter = TMP / "attempts"
+    attempt = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(attempt))
+    if attempt == 1:
+        claim_success(struct.pack(">Q", 1 << 40))
+    return data[::-1]
+
+
+@flow("retry after a lie")
+def retry_after_a_lie():
+    data = bytes(range(256)) * 4096  # 1 MiB: streamed, not read whole
+    back = lies_then_tells(data)
+    print("reversed:", back == data[::-1], flush=True)
+
+
+def refuse():
+    raise ValueError("this value does not unpickle here")
+
+
+class Fussy:
+    def __reduce__(self):
+        return (refuse, ())
+
+
+@task(crucial_pass=False)
+def fussy():
+    return Fussy()
+
+
+@flow("fussy result")
+def fussy_result():
+    print("got", fussy(), flush=True)
+
+
 @flow("stray receipt")
 def stray_receipt():
     healthy()
@@ -193,6 +229,27 @@ def test_a_receipt_for_a_channel_never_given_breaks_the_protocol(hostile: Path) 
     assert ran.record.note == ("flow process broke the runner protocol: payload_received frame "
                                "for attempt 7, which has no payload channel awaiting its receipt")
     assert ran.task("healthy").state == "COMPLETED"
+
+
+def test_a_retry_gets_a_fresh_payload_channel_after_a_lie(hostile: Path) -> None:
+    ran = execute_flow(hostile, "retry after a lie")
+    (retrying,) = ran.events.of("task_retrying")
+    assert retrying.note.startswith("attempt 1 failed: broke the runner protocol: its result "
+                                    "did not reach the flow process: a payload of ")
+    task = ran.task("lies_then_tells")
+    assert (task.state, task.attempts) == ("COMPLETED", 2)
+    assert "reversed: True" in ran.events.lines(None)
+    assert ran.record.state == "COMPLETED"
+
+
+def test_a_value_the_flow_cannot_unpickle_fails_its_task(hostile: Path) -> None:
+    ran = execute_flow(hostile, "fussy result")
+    task = ran.task("fussy")
+    assert (task.state, task.note) == (
+        "FAILED", "result of task 'fussy' could not be unpickled in the flow process: "
+                  "ValueError: this value does not unpickle here")
+    assert "got None" in ran.events.lines(None)  # non-crucial: the call returns None
+    assert ran.record.state == "COMPLETED"
 
 
 def test_a_lie_under_a_smaller_cap_names_that_cap(hostile: Path) -> None:
