@@ -52,7 +52,7 @@ from ..isolation.supervisor import TaskSupervisor
 from ..isolation.tracebacks import StackDumpFilter
 from .events import GuardedListener, RunListener
 from .options import RunOptions
-from .payload_path import PayloadPair, await_receipt, with_receipt
+from .payload_path import ChannelAhead, PayloadPair, await_receipt, with_receipt
 from .records import AttemptSpan, RunRecord, TaskRecord, shown_state
 from .spare import WarmSpare
 from .task_setup import process_setup, task_limits, task_workdir
@@ -72,7 +72,7 @@ class FlowRun:
         self.listener = GuardedListener(listener)
         self.options = options
         self._flow: ChildProcess | None = None
-        self._first: PayloadPair | None = None  # the next call's first payload channel
+        self._ahead = ChannelAhead()  # the next call's first payload channel
         self.loop = SelectorLoop()
         self.spare = WarmSpare(launcher, self.loop, options.max_result)
         self._retiring: list[ChildProcess] = []
@@ -145,24 +145,22 @@ class FlowRun:
     def _run_flow_process(self) -> None:
         start = StartFlow(flow_name=self.run.flow_name, run_id=self.run.run_id,
                           max_result=self.options.max_result, setup=process_setup(self.options))
-        self._first = PayloadPair()
         try:
             flow = ChildProcess(self.launcher, ChildConfig(role="flow", parent_pid=0),
                                 self.loop, self._flow_output,
                                 max_blob=self.options.max_result, first_frame=start,
-                                first_fds=(self._first.flow_end.fileno(),))
+                                first_fds=self._ahead.flow_fds())
         except LaunchError as exc:
-            self._drop_first()
+            self._ahead.drop()
             self._fail_flow(f"could not start the flow process: {exc}")
             return
-        self._first.flow_end.close()
-        self._first.handed_over = True
+        self._ahead.sent()
         self._flow = flow
         self.spare.prepare()  # while the flow process imports and starts its body
         try:
             self._serve(flow)
         finally:
-            self._drop_first()
+            self._ahead.drop()
             self.spare.discard()
             flow.stop()
             self._flow = None
@@ -183,10 +181,7 @@ class FlowRun:
                 return
             message, _ = flow.frames.popleft()
             if isinstance(message, CallTask):
-                reply = self._call_task(message, flow)
-                self._drop_first()  # unused when the arguments could not be sent
-                self._first = PayloadPair()
-                self._first.give_flow(flow, reply)
+                self._ahead.give_with(flow, self._call_task(message, flow))
             else:
                 self._flow_ended(message)
                 return
@@ -196,14 +191,9 @@ class FlowRun:
 
     # --- task calls -------------------------------------------------------
 
-    def _drop_first(self) -> None:
-        if self._first is not None:
-            self._first.close()
-            self._first = None
-
     def _call_task(self, call: CallTask, flow: ChildProcess) -> TaskReply:
         # The flow process is writing the arguments on the channel it got ahead.
-        first, self._first = (None, self._first) if call.args_error else (self._first, None)
+        first = self._ahead.take(call.args_error)
         if self._crucial_failed:
             if first is not None:
                 first.close()  # no task reads them: the flow process sees it and says so

@@ -45,6 +45,44 @@ class PayloadPair:
         self.flow_end.close()
 
 
+class ChannelAhead:
+    """The payload channel the flow process holds for its next call's first attempt."""
+
+    def __init__(self) -> None:
+        self.pair: PayloadPair | None = None
+
+    def flow_fds(self) -> tuple[int, ...]:
+        """A new channel for the flow process's first frame (StartFlow)."""
+        self.drop()
+        self.pair = PayloadPair()
+        return (self.pair.flow_end.fileno(),)
+
+    def sent(self) -> None:
+        """The first frame went out with it."""
+        if self.pair is not None:
+            self.pair.flow_end.close()
+            self.pair.handed_over = True
+
+    def give_with(self, flow: ChildProcess, message: Message) -> None:
+        """Send `message` with a new channel; one left unused (the arguments could not
+        be sent) is closed: the flow process drops its end when the new one comes."""
+        self.drop()
+        self.pair = PayloadPair()
+        self.pair.give_flow(flow, message)
+
+    def take(self, args_error: str) -> PayloadPair | None:
+        """The channel a CallTask's first attempt uses (none when its arguments failed)."""
+        if args_error:
+            return None
+        pair, self.pair = self.pair, None
+        return pair
+
+    def drop(self) -> None:
+        if self.pair is not None:
+            self.pair.close()
+            self.pair = None
+
+
 def await_receipt(loop: SelectorLoop, flow: ChildProcess,
                   stop: Callable[[], object], time_left: Callable[[], float | None]
                   ) -> PayloadReceived | None:
