@@ -94,7 +94,9 @@ frame, is a `ProtocolError`: the control process kills the child's tree at
 once, closes the channel unread and fails the attempt with "broke the runner
 protocol: <what>" (a flow process's: the run). A frame cut short by the
 child's exit is not an error of its own: the exit says more. Whatever a child
-writes on a payload channel reaches only the other child, which checks it.
+writes on a payload channel reaches only the other child, which checks it; a
+flow process that never writes its arguments, or never sends its receipt,
+holds only its own run, until its timeout or a cancel, like any stuck body.
 
 Sizes
 -----
