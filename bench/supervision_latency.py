@@ -165,10 +165,12 @@ def _memory_run(executor: FlowExecutor) -> tuple[float, str]:
 
     executor.new_run("memory_bomb", Notes()).execute()
     note = notes[0] if notes else ""
-    match = re.search(r"\(RSS ([\d.]+) (B|KiB|MiB|GiB)\)", note)
+    match = re.search(r"\(RSS ([\d.]+) (B|KiB|MiB|GiB|kB|MB|GB)\)", note)
     if "memory limit" not in note or not match:
         raise RuntimeError(f"memory bomb not stopped by the limit: {note!r}")
-    scale = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[match.group(2)]
+    # The note shows the RSS in the kind of unit the limit was written in.
+    scale = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30,
+             "kB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)]
     peak = float(match.group(1)) * scale
     return (peak - LIMIT_MB * 1_000_000) / 1e6, note
 
