@@ -149,7 +149,8 @@ def run_writes(fake: FakePerfect, run_id: str) -> list[Recorded]:
 def entry_lines(entry: str) -> list[str]:
     """The output lines of one log entry; one holding several says how many."""
     lines = entry.split("\n")
-    header = re.fullmatch(r"\[(\d+) lines\]|.*; the (?:last|next) (\d+) lines:", lines[0])
+    header = re.fullmatch(r"\[(\d+) lines\]|.*; the (?:last|next) (\d+) lines(?: \(.*\))?:",
+                          lines[0])
     if header:
         assert int(header.group(1) or header.group(2)) == len(lines) - 1, entry[:200]
         return lines[1:]
@@ -183,7 +184,10 @@ def test_flood_then_failures_every_state_arrives_in_order_and_soon(slow_fake, fl
             [("flood", "COMPLETED")] + [("breaks", "FAILED")] * 6 + [("last", "COMPLETED")]
         assert [t["result"]["note"] for t in run["tasks"]][-1] == "last ok"
         assert all("failure" in t["result"]["note"] for t in run["tasks"][1:7])
-        assert took <= 5.0, f"complete arrived {took:.1f}s after the flow ended"
+        # Eight tasks' RUNNING and final states and the complete are 17 writes of at
+        # least 0.2 s each after the flow ended (3.4 s); the rest is slack for a loaded
+        # machine. The benchmark row measures this at 300 ms per write.
+        assert took <= 8.0, f"complete arrived {took:.1f}s after the flow ended"
 
         logs = fake.logs(run_id)
         flood = numbered(logs, r"^\[Task Output\] flood: flood line (\d+)$")

@@ -181,9 +181,9 @@ class LogBacklog:
                 f"slow to keep up when the run ended); full log at {where}")
         if not texts:
             return Entry(note, count)
-        what = f"the last {len(texts) - kept} lines"
+        what = f"the last {len(texts)} lines"
         if kept:
-            what = f"{kept} stderr or runner line{'s' if kept > 1 else ''} and {what}"
+            what += f" ({kept} of them stderr or the runner's own, kept from earlier)"
         return Entry(f"{note}; {what}:\n" + "\n".join(texts), count)
 
     def _collapse_choice(self) -> set[int]:
