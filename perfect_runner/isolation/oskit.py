@@ -5,7 +5,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import signal
+from collections.abc import Iterable
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
@@ -68,6 +70,18 @@ def drain_pipe(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+def readable(fds: Iterable[int], timeout: float) -> set[int]:
+    """The fds that are readable (or hung up) within `timeout` s.
+
+    poll, not select: a worker running many runs at once holds fds past 1024,
+    which select() refuses ("filedescriptor out of range").
+    """
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return {fd for fd, _ in poller.poll(max(0.0, timeout) * 1000)}
 
 
 def close_quietly(fd: int | None) -> None:
