@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import resource
 import select
 import signal
 from collections.abc import Iterable
@@ -82,6 +83,20 @@ def readable(fds: Iterable[int], timeout: float) -> set[int]:
     for fd in fds:
         poller.register(fd, select.POLLIN)
     return {fd for fd, _ in poller.poll(max(0.0, timeout) * 1000)}
+
+
+def raise_open_files(need: int) -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to `need` if it is lower, as far as the hard
+    limit allows; the (soft, hard) limits in force after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return soft, hard
+    wanted = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError):
+        pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def close_quietly(fd: int | None) -> None:
