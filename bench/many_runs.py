@@ -38,7 +38,7 @@ import common
 import psutil
 import requests
 from common import Row, percentile, print_table
-from http_cost import FakePerfect, WorkerProcess, wait_registered
+from http_cost import FakePerfect, WorkerProcess, beat_gaps, wait_registered
 from many_runs_svg import write_curve
 
 TASKS = 20
@@ -196,9 +196,7 @@ def measure(concurrency: int, tasks: int, lines: int) -> Result:
         completes = Counter(r.path.split("/")[3] for r in
                             fake.requests_to("/api/runs/*/complete", "POST"))
         completed = sum(fake.run(r)["state"] == "COMPLETED" for r in run_ids)
-    window = [t for t in beats if t <= start][-1:] + [t for t in beats if start < t <= end] \
-        + [t for t in beats if t > end][:1]
-    gaps = [b - a for a, b in zip(window, window[1:], strict=False)]
+    gaps = beat_gaps(beats, start, end)
     calls = runs_wanted * tasks
     done = [line.split() for line in executions.read_text().splitlines()] \
         if executions.exists() else []
@@ -207,7 +205,7 @@ def measure(concurrency: int, tasks: int, lines: int) -> Result:
     once = (all(completes[r] == 1 for r in run_ids) and len(per_call) == calls
             and all(n == 1 for n in per_call.values()))
     return Result(concurrency, runs_wanted, calls, end - start, completed, once, len(done),
-                  max(gaps, default=float("nan")), len(window), cpu / calls * 1000,
+                  max(gaps, default=float("nan")), len(gaps) + 1, cpu / calls * 1000,
                   sampler.threads, sampler.procs, sampler.fds,
                   statistics.median(starts) * 1000 if starts else float("nan"),
                   percentile(starts, 99) * 1000 if starts else float("nan"),

@@ -42,7 +42,7 @@ log = logging.getLogger("perfect_runner.worker")
 
 # Open files of the control process: its own (log, sockets, fork server) plus, per
 # run, the pipes, channels and pidfds of its flow process, task process and spare,
-# its log file and its sender's connection (~16 measured at --concurrency 64).
+# its log file and its sender's connection (16-22 measured at --concurrency 64).
 BASE_FDS, FDS_PER_RUN = 64, 24
 
 
