@@ -86,6 +86,14 @@ def wait_run_over(fake: FakePerfect, run_id: str, timeout: float = 60.0) -> dict
     return fake.run(run_id)
 
 
+def beat_gaps(beats: list[float], start: float, end: float) -> list[float]:
+    """Intervals between heartbeat arrivals from the last before `start` to the first
+    after `end`: the gaps the backend's watchdog saw over that time."""
+    window = [t for t in beats if t <= start][-1:] + [t for t in beats if start < t <= end] \
+        + [t for t in beats if t > end][:1]
+    return [b - a for a, b in zip(window, window[1:], strict=False)]
+
+
 def state_posts(fake: FakePerfect, run_id: str) -> list[Recorded]:
     return fake.requests_to(f"/api/runs/{run_id}/tasks/*/state", "POST")
 

@@ -25,7 +25,7 @@ from common import Row
 # In the order the issue lists them; others append theirs here.
 BENCHMARKS = ["start_overhead", "memory_size", "output_throughput", "footprint", "faults",
               "http_cost", "heartbeat_load", "supervision_latency", "scale_out", "delivery",
-              "payload"]
+              "payload", "many_runs"]
 
 
 def run_one(name: str, quick: bool) -> tuple[list[Row], float]:

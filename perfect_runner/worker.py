@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import random
+import resource
 import signal
 import sys
 import threading
@@ -28,6 +29,7 @@ from .executor.events import FanOut, NullListener, RunListener
 from .executor.failed_run import report_failed_run
 from .executor.flow_run import FlowRun
 from .executor.records import RunRecord, TaskRecord
+from .isolation.oskit import raise_open_files
 from .isolation.outcome import Kind
 from .local.logfile import LogFileListener
 from .textsafe import clean_text
@@ -37,6 +39,11 @@ from .transport.heartbeat import Heartbeat
 from .transport.library import FlowLibrary, not_served_note
 
 log = logging.getLogger("perfect_runner.worker")
+
+# Open files of the control process: its own (log, sockets, fork server) plus, per
+# run, the pipes, channels and pidfds of its flow process, task process and spare,
+# its log file and its sender's connection (16-22 measured at --concurrency 64).
+BASE_FDS, FDS_PER_RUN = 64, 24
 
 
 class WorkerLog(NullListener):
@@ -307,6 +314,7 @@ class Worker:
 
 def serve(args: argparse.Namespace, executor: FlowExecutor, names: list[str]) -> int:
     """Worker mode (no --run) or a client-initiated run of each named flow (--run)."""
+    _open_files_for(args.concurrency)
     worker = Worker(args, executor)
     _install_signal_handlers(worker)
     worker.start()
@@ -349,6 +357,19 @@ def _run_named(worker: Worker, names: list[str]) -> int:
               f"{clean_text(url)}")
         ok = ok and delivered and record.state == "COMPLETED"
     return 0 if ok else 1
+
+
+def _open_files_for(concurrency: int) -> None:
+    """Room for every run's fds: a common soft limit of 1024 is too few for ~60 runs,
+    and a run that hits it fails ("Too many open files")."""
+    need = BASE_FDS + FDS_PER_RUN * concurrency
+    soft, hard = raise_open_files(need)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning("--concurrency %d needs about %d open files, but the limit is %d (hard "
+                    "limit %s): runs may fail with 'Too many open files'; raise it (ulimit "
+                    "-n, or LimitNOFILE= in a systemd unit) or lower --concurrency",
+                    concurrency, need, soft,
+                    "unlimited" if hard == resource.RLIM_INFINITY else hard)
 
 
 def _install_signal_handlers(worker: Worker) -> None:

@@ -547,6 +547,20 @@ def test_heartbeat_beats_at_start_and_periodically(fake: FakePerfect) -> None:
     assert not beat.alive and time.monotonic() - started < 1.0
 
 
+def test_a_slow_heartbeat_answer_does_not_push_the_next_beat_back(fake: FakePerfect) -> None:
+    # Each beat is answered 0.6 s late (as a loaded control process or backend would make
+    # it); beats are still sent every 1 s, not every 1.6 s.
+    fake.set_delay("/api/heartbeat", 0.6)
+    beat = Heartbeat(PerfectAPIClient(fake.url), interval=1.0).start()
+    try:
+        fake.wait_for(lambda: len(fake.requests_to("/api/heartbeat")) >= 4, 10)
+    finally:
+        beat.stop()
+    arrivals = [r.time for r in fake.requests_to("/api/heartbeat")][:4]
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    assert max(gaps) < 1.4, gaps
+
+
 def test_heartbeat_stop_is_prompt_with_a_long_interval(fake: FakePerfect) -> None:
     beat = Heartbeat(PerfectAPIClient(fake.url), interval=30.0).start()
     assert beat.wait_first_beat(5)

@@ -6,14 +6,17 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
 def start_worker(url: str, module: Path, tmp_path: Path, *extra: str,
-                 env: dict[str, str] | None = None) -> subprocess.Popen:
+                 env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen:
     """`python -m perfect_runner` serving `url`; its output goes to a worker-N.out file
     (a pipe nobody reads could block a chatty worker). MARKER_DIR is tmp_path; `env`
-    adds variables (PERFECT_* ones from the test's own environment are left out)."""
+    adds variables (PERFECT_* ones from the test's own environment are left out);
+    `preexec_fn` runs in the worker's process before it starts (to set rlimits)."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("PERFECT_")},
            **(env or {})}
     env["MARKER_DIR"] = str(tmp_path)
@@ -23,7 +26,7 @@ def start_worker(url: str, module: Path, tmp_path: Path, *extra: str,
             [sys.executable, "-m", "perfect_runner", "--flows", str(module), "--server", url,
              "--log-dir", str(tmp_path / "logs"), "--progress-interval", "0.2", *extra],
             cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
         )
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import select
 import socket
 import time
 from collections import deque
@@ -24,7 +23,7 @@ from collections.abc import Callable
 from .child_bootstrap import ChildConfig
 from .launcher import ExitInfo, Launcher, LaunchError, PendingChild
 from .lines import DEFAULT_MAX_LINE, LineSplitter
-from .oskit import close_quietly
+from .oskit import close_quietly, readable
 from .proctree import group_members, kill_tree, wait_gone
 from .protocol import (
     DEFAULT_MAX_BLOB,
@@ -278,7 +277,7 @@ def _telling(lines: list[str]) -> list[str]:
 
 
 def _readable(fd: int) -> bool:
-    return bool(select.select([fd], [], [], 0)[0])
+    return bool(readable([fd], 0))
 
 
 def _enlarge_pipe(fd: int) -> None:

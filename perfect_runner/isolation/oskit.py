@@ -5,7 +5,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import resource
+import select
 import signal
+from collections.abc import Iterable
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
@@ -68,6 +71,32 @@ def drain_pipe(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+def readable(fds: Iterable[int], timeout: float) -> set[int]:
+    """The fds that are readable (or hung up) within `timeout` s.
+
+    poll, not select: a worker running many runs at once holds fds past 1024,
+    which select() refuses ("filedescriptor out of range").
+    """
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return {fd for fd, _ in poller.poll(max(0.0, timeout) * 1000)}
+
+
+def raise_open_files(need: int) -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to `need` if it is lower, as far as the hard
+    limit allows; the (soft, hard) limits in force after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return soft, hard
+    wanted = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError):
+        pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def close_quietly(fd: int | None) -> None:

@@ -11,14 +11,13 @@ end of every task. Errors mean "already gone" and are treated as such.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import time
 from collections.abc import Iterable
 
 import psutil
 
-from .oskit import signal_group, signal_process
+from .oskit import readable, signal_group, signal_process
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _HAS_CHILDREN_FILES = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
@@ -101,7 +100,7 @@ def wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
     try:
         waiting = [fd for _, fd in pidfds]
         while waiting and (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select(waiting, [], [], left)
+            ready = readable(waiting, left)
             waiting = [fd for fd in waiting if fd not in ready]
         return [pid for pid, fd in pidfds if fd in waiting]
     finally:

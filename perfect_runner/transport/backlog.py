@@ -22,7 +22,7 @@ HEADROOM = 32  # bytes of an entry kept for the "[N lines]" header
 KEEP_SCAN = 256
 
 
-@dataclass
+@dataclass(slots=True)
 class _Line:
     """One pending output line, or (text None) a count of lines dropped at that place."""
 
@@ -56,7 +56,7 @@ class LogBacklog:
 
     def add(self, seq: int, line: str, cap: int, keep: bool = False) -> int:
         """Append a line, dropping the oldest ones while over `cap` bytes; how many."""
-        size = len(line.encode("utf-8", "replace")) + 1
+        size = (len(line) if line.isascii() else len(line.encode("utf-8", "replace"))) + 1
         dropped = 0
         while self.bytes + size > cap and self._drop_oldest():
             dropped += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from .api import PerfectAPIClient
 
@@ -67,10 +68,16 @@ class Heartbeat:
 
     def _run(self) -> None:
         try:
+            due = time.monotonic()
             while not self._stop.is_set():
                 self._beat()
                 self._first.set()
-                self._stop.wait(self.interval)
+                # Due `interval` after the last one was due, not after it was answered:
+                # a beat slowed by a busy control process (many runs at once) does not
+                # push the next one back by as much.
+                now = time.monotonic()
+                due = max(due + self.interval, now)
+                self._stop.wait(due - now)
         finally:
             self._first.set()
             self.client.close_thread_session()

@@ -166,8 +166,7 @@ class RunSender:
         """
         with self._cond:
             idle = not self._lines
-            for line in lines:
-                self._add_line(line, keep)
+            self._add_lines(lines, keep)
             if idle:
                 # Else the thread is busy or waiting for a rate slot with a timeout: waking
                 # it for every batch of a flood would only burn the control process's CPU.
@@ -280,14 +279,20 @@ class RunSender:
         self._cond.notify()
         return item
 
-    def _add_line(self, line: str, keep: bool) -> None:
+    def _add_lines(self, lines: Iterable[str], keep: bool) -> None:
+        # Per line, only what must be: a task printing 2,000 lines costs the control
+        # process this loop 2,000 times (the cap cannot change while the lock is held).
         if self._stopped or self._complete_at is not None:
             return
         if self._limit_hit:
-            self.suppressed_lines += 1
+            self.suppressed_lines += sum(1 for _ in lines)
             return
-        line = clip_line(line, self.entry_max_bytes - 32)
-        self.dropped_lines += self._lines.add(self._next_seq(), line, self._backlog_cap(), keep)
+        cap, most = self._backlog_cap(), self.entry_max_bytes - 32
+        add, dropped = self._lines.add, 0
+        for line in lines:
+            self._seq += 1
+            dropped += add(self._seq, clip_line(line, most), cap, keep)
+        self.dropped_lines += dropped
 
     def _backlog_cap(self) -> int:
         """Log text the backend can take in `max_backlog` s at its pace (floor 256 KiB)."""
