@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import sandbox
 from .oskit import become_subreaper, die_with_parent
 from .proctree import direct_children, kill_tree
 
@@ -179,6 +180,8 @@ def apply_setup(raw: dict[str, Any]) -> None:
         ceiling = capped + 1 if name == "cpu" else capped
         resource.setrlimit(limit, (capped, ceiling))
     _drop_privileges(config)
+    if sandbox.INSIDE:
+        sandbox.drop_capabilities()  # last: the limits above may need what it takes away
 
 
 def _drop_privileges(config: ProcessSetup) -> None:

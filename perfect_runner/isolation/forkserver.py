@@ -35,25 +35,38 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
+from . import sandbox
 from .child_bootstrap import EXIT_BOOTSTRAP, ChildConfig, become_child, preload_roles
 from .loader import ModuleLoadError, describe, load_modules
-from .oskit import become_subreaper, close_quietly, die_with_parent, drain_pipe, signal_group
-from .proctree import direct_children, kill_tree, wait_gone
+from .oskit import become_subreaper, close_quietly, die_with_parent, drain_pipe
+from .proctree import direct_children, kill_all_below, kill_tree, wait_gone
 
 MAX_PACKET = 65536
 ORPHAN_WAIT = 2.0  # seconds; a SIGKILLed process is gone in far less
+# Without the sandbox, the control process's death is a signal we catch (not SIGKILL):
+# we then kill everything below us before we go.
+PARENT_DEATH_SIGNAL = signal.SIGTERM
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     die_with_parent(args.parent_pid)
-    become_subreaper()
+    choice = sandbox.choose(args.sandbox, args.sandbox_fail)
+    if args.sandbox == "namespace" and choice.mode != "namespace":
+        _report_failure(args.meta_fd, f"--sandbox namespace is not possible here: {choice.why}; "
+                        "use --sandbox auto to fall back to plain processes")
+    if choice.mode == "namespace":
+        _enter_sandbox(args)  # from here on we are init, PID 1 of the namespace
+    else:
+        _guard_without_sandbox(args.parent_pid)
     sys.path[:0] = [p for p in json.loads(args.sys_path) if p not in sys.path]
     with os.fdopen(args.meta_fd, "w", encoding="utf-8") as meta:
         try:
             load_modules(json.loads(args.modules))
-            json.dump({"ok": True, **describe()}, meta)
+            about = {"mode": choice.mode, "why": choice.why}
+            json.dump({"ok": True, "sandbox": about, **describe()}, meta)
         except ModuleLoadError as exc:
             json.dump({"ok": False, "error": str(exc)}, meta)
             return 3
@@ -71,6 +84,53 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _enter_sandbox(args: argparse.Namespace) -> None:
+    """Unshare, fork init and return in it; this process stays outside as its stub.
+
+    The stub only waits: it dies with the control process (parent-death signal),
+    and init dies with the stub, taking the whole namespace with it. When init
+    ends, the stub ends the same way, so the control process sees how.
+    """
+    try:
+        sandbox.enter_namespace()
+        init = os.fork()
+    except (sandbox.SandboxError, OSError) as exc:
+        _report_failure(args.meta_fd, f"could not enter the sandbox: {exc}")
+    if init == 0:
+        try:
+            sandbox.become_init()
+        except sandbox.SandboxError as exc:
+            _report_failure(args.meta_fd, f"could not set up the sandbox: {exc}")
+        return
+    for fd in (args.meta_fd, args.control_fd):
+        os.close(fd)  # init holds them: their EOF must mean init is gone
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _, status = os.waitpid(init, 0)
+    if os.WIFSIGNALED(status):
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        os.kill(os.getpid(), os.WTERMSIG(status))
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def _report_failure(meta_fd: int, error: str) -> NoReturn:
+    with os.fdopen(meta_fd, "w", encoding="utf-8") as meta:
+        json.dump({"ok": False, "error": error}, meta)
+    os._exit(3)
+
+
+def _guard_without_sandbox(parent_pid: int) -> None:
+    """Without the namespace: a subreaper that, when the control process dies, kills
+    everything below it until nothing is left, so no setsid daemon escapes to init."""
+    become_subreaper()
+    signal.signal(PARENT_DEATH_SIGNAL, lambda *_: _kill_everything_and_exit())
+    die_with_parent(parent_pid, PARENT_DEATH_SIGNAL)
+
+
+def _kill_everything_and_exit() -> NoReturn:
+    kill_all_below(os.getpid())
+    os._exit(128 + PARENT_DEATH_SIGNAL)
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="perfect_runner.isolation.forkserver")
     parser.add_argument("--modules", required=True)
@@ -78,6 +138,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--meta-fd", type=int, required=True)
     parser.add_argument("--control-fd", type=int, default=-1)
     parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--sandbox", choices=sandbox.MODES, default="off")
+    parser.add_argument("--sandbox-fail", default="", help="test only: fail the probe here")
     parser.add_argument("--exec-children", action="store_true",
                         help="start each child as a fresh interpreter (start method spawn)")
     return parser.parse_args(argv)
@@ -211,8 +273,7 @@ class ForkServer:
         wait_gone(killed, ORPHAN_WAIT)
 
     def _kill_children(self) -> None:
-        for pid in list(self.children):
-            signal_group(pid, signal.SIGKILL)
+        kill_all_below(os.getpid())
 
 
 def _send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> None:

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .child_bootstrap import ChildConfig
-from .oskit import close_quietly
+from .oskit import close_quietly, pid_of_pidfd
+from .sandbox import FAIL_ENV, Choice
 
 START_METHODS = ("forkserver", "spawn")
 MAX_REPLY = 4096
@@ -147,10 +148,11 @@ class ServerProcess:
     """One fork server: started with the flows modules loaded, or LaunchError."""
 
     def __init__(self, modules: list[str], env: dict[str, str],
-                 exec_children: bool = False) -> None:
+                 exec_children: bool = False, sandbox: str = "off") -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         meta_r, meta_w = os.pipe()
-        extra = ["--control-fd", str(child_end.fileno())]
+        extra = ["--control-fd", str(child_end.fileno()), "--sandbox", sandbox,
+                 "--sandbox-fail", os.environ.get(FAIL_ENV, "")]
         command = _server_command(modules, meta_w, extra + ["--exec-children"] * exec_children)
         self.proc = subprocess.Popen(
             command, pass_fds=(meta_w, child_end.fileno()), stdin=subprocess.DEVNULL,
@@ -168,6 +170,8 @@ class ServerProcess:
         except BaseException:
             self.control.close()
             raise
+        about = self.metadata.pop("sandbox")
+        self.sandbox = Choice(about["mode"], about["why"])
 
     def request(self, config: ChildConfig, fds: tuple[int, int, int]) -> PendingChild:
         """Ask for a child and return at once; `wait()` on the answer later."""
@@ -231,7 +235,9 @@ class PendingChild:
         if answer["op"] != "spawned" or not pidfds:
             self.reply.close()
             raise LaunchError(f"could not start a child process: {answer.get('error')}")
-        return _ForkedChild(answer["pid"], pidfds[0], self.reply, self.server)
+        # The server may number its children in a PID namespace of its own: the pidfd
+        # tells us the pid we can signal and find in our /proc.
+        return _ForkedChild(pid_of_pidfd(pidfds[0]), pidfds[0], self.reply, self.server)
 
     def cancel(self) -> None:
         self.reply.close()  # the server's answers go nowhere; it still reaps the child

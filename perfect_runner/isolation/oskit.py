@@ -17,13 +17,14 @@ _prctl_fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulo
                       ctypes.c_ulong]
 
 
-def _prctl(option: int, value: int) -> bool:
+def prctl(option: int, value: int) -> bool:
+    """One prctl(2) call with a single argument; whether it succeeded."""
     return _prctl_fn(option, value, 0, 0, 0) == 0
 
 
 def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
     """Get `sig` when the parent dies; exit now if it already did."""
-    _prctl(PR_SET_PDEATHSIG, sig)
+    prctl(PR_SET_PDEATHSIG, sig)
     # The parent may have died between fork and prctl: then we were reparented.
     if os.getppid() != expected_parent:
         os._exit(1)
@@ -31,12 +32,12 @@ def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
 
 def make_undumpable() -> bool:
     """Other processes of our user can no longer read our memory or /proc/<pid>/environ."""
-    return _prctl(PR_SET_DUMPABLE, 0)
+    return prctl(PR_SET_DUMPABLE, 0)
 
 
 def become_subreaper() -> bool:
     """Orphaned descendants get reparented to us instead of init, so none escape."""
-    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    return prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 def signal_process(pid: int, sig: int) -> bool:
@@ -78,3 +79,16 @@ def close_quietly(fd: int | None) -> None:
     except OSError as exc:
         if exc.errno != errno.EBADF:
             raise
+
+
+def pid_of_pidfd(pidfd: int) -> int:
+    """The pid a pidfd refers to, as numbered in our own PID namespace.
+
+    A fork server in its own namespace knows its children by the pids there; the
+    pidfd it hands over tells us the pid on our side (kernel 5.3+: "Pid:" in fdinfo).
+    """
+    with open(f"/proc/self/fdinfo/{pidfd}") as handle:
+        for line in handle:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise OSError(f"fd {pidfd} is not a pidfd")

@@ -73,6 +73,21 @@ def kill_tree(pid: int) -> list[int]:
     return members
 
 
+def kill_all_below(pid: int) -> None:
+    """SIGKILL every descendant of `pid`, which is us and a subreaper, until none remain.
+
+    Orphans are reparented to us before their parent can be reaped, so once we
+    have no child left, nothing is left below us: a setsid daemon tree included.
+    """
+    while True:
+        for member in descendants(pid):
+            signal_process(member, signal.SIGKILL)
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
 def group_members(pgid: int) -> list[int]:
     """Processes still in a process group (a scan of /proc: use when a tree was killed)."""
     found = []
