@@ -14,7 +14,8 @@ interpreter), a child runs `become_child` and never returns from it:
 7. run the role: it reads its first frame, applies the `ProcessSetup` in it
    (environment, cwd, limits, then the user), and only then runs user code;
 8. leave through `os._exit` (no atexit, no flushing of buffers inherited
-   from the fork server), after killing what the role left running.
+   from the fork server); what the role left running is reparented to the
+   fork server, which kills it before it reports the exit.
 
 Exit codes at or above `EXIT_BOOTSTRAP` are reserved for failures of the
 runner's own code, so the supervisor can tell them from a task's `os._exit`.
@@ -30,7 +31,6 @@ import resource
 import signal
 import socket
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +38,6 @@ from typing import Any
 
 from . import sandbox
 from .oskit import become_subreaper, die_with_parent
-from .proctree import direct_children, kill_tree
 
 EXIT_BOOTSTRAP = 120  # the runner's child code failed before or after the task
 EXIT_CHANNEL_LOST = 121  # the control process went away mid-conversation
@@ -94,27 +93,7 @@ def become_child(config: ChildConfig, out_fd: int, err_fd: int, chan_fd: int) ->
         _last_chance_report(report_fd)
     finally:
         _flush_std()
-        _kill_leftovers()
-        os._exit(code)
-
-
-def _kill_leftovers(limit: float = 2.0) -> None:
-    # What the role started dies (and is reaped) before it: under "spawn" no fork
-    # server is there to kill orphans, and a daemon in its own session would
-    # escape to init. We are a subreaper, so every descendant ends up our child.
-    end = time.monotonic() + limit
-    try:
-        while (children := direct_children(os.getpid())) and time.monotonic() < end:
-            for pid in children:
-                kill_tree(pid)
-            for pid in children:
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-            time.sleep(0.002)
-    except Exception:  # noqa: BLE001 - nothing may stop the exit
-        pass
+        os._exit(code)  # what we leave running, the fork server kills (and reaps)
 
 
 def _reset_signals() -> None:

@@ -25,7 +25,7 @@ from .child_bootstrap import ChildConfig
 from .launcher import ExitInfo, Launcher, LaunchError, PendingChild
 from .lines import DEFAULT_MAX_LINE, LineSplitter
 from .oskit import close_quietly
-from .proctree import group_members, kill_tree, wait_gone
+from .proctree import kill_tree
 from .protocol import (
     DEFAULT_MAX_BLOB,
     Conversation,
@@ -37,7 +37,6 @@ from .protocol import (
 from .selector_loop import SelectorLoop
 from .tracebacks import is_dump_line
 
-GONE = ExitInfo(None)  # exited; status not asked for
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1024 * 1024
 READ_SIZE = 1024 * 1024
@@ -63,7 +62,6 @@ class ChildProcess:
         self.conversation = Conversation(config.role)
         self._splitters = {"stdout": LineSplitter(max_line), "stderr": LineSplitter(max_line)}
         self._max_blob = max_blob
-        self._killed: set[int] = set()  # descendants we SIGKILLed, awaited in `stop`
         self._greeting = encode_frame(first_frame) if first_frame else b""
         if first_frame:
             self.conversation.sent(first_frame, bool(first_fds))
@@ -126,7 +124,7 @@ class ChildProcess:
             self.loop.add(fd, lambda s=stream: self._read_output(s))
         self.chan.setblocking(False)
         self.loop.add(self.chan, self._read_channel)
-        self.loop.add(self.handle.pidfd, self._on_exit)
+        self.loop.add(self.handle.exit_fd, self._on_exit)
 
     def send(self, message: Message, fds: tuple[int, ...] = ()) -> bool:
         """Send a frame, `fds` attached to its first byte; False when the child is gone."""
@@ -203,9 +201,7 @@ class ChildProcess:
         self.chan.close()
 
     def _on_exit(self) -> bool:
-        # Once the outcome is settled (pipes closed) the status is not needed: do not
-        # wait for the fork server to reap the child and tell us.
-        self.exit = self.handle.exit_info(timeout=5.0) if self.chan.fileno() >= 0 else GONE
+        self.exit = self.handle.read_exit()
         return False
 
     def drain(self) -> None:
@@ -219,28 +215,22 @@ class ChildProcess:
             self._flush_partial(stream)
 
     def kill_tree(self) -> None:
-        """SIGKILL the child's whole tree, remembering who, so `stop` can see them gone."""
-        self._killed.update(kill_tree(self.pid))
+        """SIGKILL the child's whole tree; the fork server reports its exit once all
+        of it is gone."""
+        kill_tree(self.pid)
+
+    def await_exit(self, timeout: float = 5.0) -> None:
+        """Run the loop until the fork server says the child's tree is gone."""
+        end = time.monotonic() + timeout
+        while self.running and time.monotonic() < end:
+            self.loop.poll(end - time.monotonic())
 
     def stop(self, timeout: float = 5.0) -> None:
         """Kill its tree and wait until all of it is gone (nothing outlives us), then close."""
         self.kill_tree()
-        end = time.monotonic() + timeout
-        while self.running and time.monotonic() < end:
-            self.loop.poll(end - time.monotonic())
-        self.await_descendants(max(0.0, end - time.monotonic()))
+        self.await_exit(timeout)
         self.drain()
         self.close()
-
-    def await_descendants(self, timeout: float = 5.0) -> None:
-        """Wait until the descendants we killed are gone (the child itself may still be
-        exiting: a SIGKILLed process runs no more code)."""
-        # Descendants reparented to the fork server may still be tearing down, and a
-        # fork bomb's last children may have joined the group after our snapshot.
-        if self._killed:
-            self._killed.update(group_members(self.pid))
-            wait_gone(self._killed, timeout)
-            self._killed.clear()
 
     def close_io(self) -> None:
         """Close pipes and channel; the pidfd stays watched until the process is gone."""
@@ -254,7 +244,7 @@ class ChildProcess:
 
     def close(self) -> None:
         self.close_io()
-        self.loop.remove(self.handle.pidfd)
+        self.loop.remove(self.handle.exit_fd)
         self.handle.close()
 
 

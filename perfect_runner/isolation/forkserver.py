@@ -18,10 +18,19 @@ answers that spawn and nothing else:
                        later {"op": "exited", "status": raw, "maxrss": bytes}
                        or {"op": "spawn_failed", "error": "..."}
 
-The server is a child subreaper: grandchildren that double-fork out of a task
-are reparented here, reaped here, and never escape to init. It dies with the
-control process (parent-death signal) and kills every child it started when
-the control socket closes.
+With the sandbox (see `sandbox`), the process started by the control
+process unshares a PID and mount namespace and forks init, which is the fork
+server proper: every flow and task process lives and dies in its namespace,
+and when init dies the kernel kills all of it. The outer process is a stub
+that waits for init and ends the way it ended.
+
+Either way the server is the one owner of its children's lifetime: it is
+their parent (init, or a child subreaper), so grandchildren that double-fork
+out of a task are reparented here and killed here; it reports a child's
+"exited" once nothing that child left behind is running, without blocking.
+It dies with the control process, and kills everything below it when the
+control socket closes. Without the sandbox, the control process's death is a
+signal it catches, to kill everything below it until nothing is left.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -41,10 +51,10 @@ from . import sandbox
 from .child_bootstrap import EXIT_BOOTSTRAP, ChildConfig, become_child, preload_roles
 from .loader import ModuleLoadError, describe, load_modules
 from .oskit import become_subreaper, close_quietly, die_with_parent, drain_pipe
-from .proctree import direct_children, kill_all_below, kill_tree, wait_gone
+from .proctree import direct_children, kill_all_below, kill_tree
 
 MAX_PACKET = 65536
-ORPHAN_WAIT = 2.0  # seconds; a SIGKILLed process is gone in far less
+ORPHAN_WAIT = 2.0  # seconds an exit report waits at most for orphans to be gone
 # Without the sandbox, the control process's death is a signal we catch (not SIGKILL):
 # we then kill everything below us before we go.
 PARENT_DEATH_SIGNAL = signal.SIGTERM
@@ -174,6 +184,8 @@ class ForkServer:
         self.control = control
         self.start_child = start_child
         self.children: dict[int, socket.socket] = {}  # pid -> its reply socket
+        self.orphans: list[int] = []  # left by dead children; killed, not yet reaped
+        self.exits: list[tuple[float, socket.socket, dict]] = []  # waiting for the orphans
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -186,9 +198,10 @@ class ForkServer:
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_sigchld)
         try:
             while True:
-                for key, _ in self.selector.select():
+                for key, _ in self.selector.select(self._next_deadline()):
                     if key.data() is False:
                         return
+                self._report_exits()
         finally:
             self._kill_children()
 
@@ -248,29 +261,49 @@ class ForkServer:
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
-                return True
+                break
             if pid == 0:
-                return True
+                break
             reply = self.children.pop(pid, None)
             if reply is not None:
-                # Orphans first: once the control process hears "exited", nothing the
-                # child started may still be running.
-                self._kill_orphans()
-                _send(reply, {"op": "exited", "status": status, "maxrss": usage.ru_maxrss * 1024})
-                reply.close()
+                exited = {"op": "exited", "status": status, "maxrss": usage.ru_maxrss * 1024}
+                self.exits.append((time.monotonic() + ORPHAN_WAIT, reply, exited))
+        self._kill_orphans()
+        return True
 
     def _kill_orphans(self) -> None:
-        """Kill what a dead flow or task process left behind.
+        """Kill what dead flow and task processes left behind, without waiting.
 
         Every child of ours that we did not fork was reparented to us because
         the flow or task process above it died (they are subreapers, so nothing
         else reaches us): it belongs to a finished process and must not live on.
+        Each one's death wakes us again (SIGCHLD), until none is left.
         """
-        killed: list[int] = []
-        for pid in direct_children(os.getpid()):
-            if pid not in self.children:
-                killed += [pid, *kill_tree(pid)]
-        wait_gone(killed, ORPHAN_WAIT)
+        self.orphans = [pid for pid in direct_children(os.getpid()) if pid not in self.children]
+        for pid in self.orphans:
+            kill_tree(pid)
+
+    def _report_exits(self) -> None:
+        """Say "exited" once nothing a dead child left behind is running any more.
+
+        Orphans cannot be told apart by who left them, so every waiting exit goes
+        out when none is left (or after ORPHAN_WAIT, for one the kernel will not
+        let die): the control process hears of an exit when the whole tree is gone.
+        """
+        now = time.monotonic()
+        keep = []
+        for deadline, reply, exited in self.exits:
+            if not self.orphans or deadline <= now:
+                _send(reply, exited)
+                reply.close()
+            else:
+                keep.append((deadline, reply, exited))
+        self.exits = keep
+
+    def _next_deadline(self) -> float | None:
+        if not self.exits:
+            return None
+        return max(0.0, min(deadline for deadline, _, _ in self.exits) - time.monotonic())
 
     def _kill_children(self) -> None:
         kill_all_below(os.getpid())

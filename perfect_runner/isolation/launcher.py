@@ -93,11 +93,15 @@ class ChildHandle(Protocol):
     pid: int
     pidfd: int
 
-    def exit_info(self, timeout: float) -> ExitInfo:
-        """The exit status, once the pidfd said the child is gone."""
+    @property
+    def exit_fd(self) -> int:
+        """Readable once the child and everything it left behind are gone."""
+
+    def read_exit(self) -> ExitInfo:
+        """How it ended, once `exit_fd` is readable; never blocks."""
 
     def close(self) -> None:
-        """Release the pidfd."""
+        """Release the pidfd and the report socket."""
 
 
 class Launcher(Protocol):
@@ -251,13 +255,17 @@ class _ForkedChild:
         self.reply = reply
         self.server = server
 
-    def exit_info(self, timeout: float) -> ExitInfo:
-        """The fork server reaps the child and sends its status on the reply socket."""
-        self.reply.settimeout(timeout)
+    @property
+    def exit_fd(self) -> int:
+        return self.reply.fileno()
+
+    def read_exit(self) -> ExitInfo:
+        """The fork server's report, once `exit_fd` is readable: it has reaped the
+        child and nothing the child left behind runs any more."""
         try:
-            data = self.reply.recv(MAX_REPLY)
-        except TimeoutError:
-            return ExitInfo(None)  # the server lives but did not say: status unknown
+            data = self.reply.recv(MAX_REPLY, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return ExitInfo(None)  # woken for nothing: should not happen
         except OSError:
             data = b""
         if not data:

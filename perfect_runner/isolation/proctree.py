@@ -88,22 +88,6 @@ def kill_all_below(pid: int) -> None:
             return
 
 
-def group_members(pgid: int) -> list[int]:
-    """Processes still in a process group (a scan of /proc: use when a tree was killed)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
-
-
 def wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
     """Wait until every process has exited (a zombie counts); those still there."""
     pidfds = []
