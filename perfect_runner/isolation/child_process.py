@@ -40,6 +40,7 @@ from .tracebacks import is_dump_line
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1024 * 1024
 READ_SIZE = 1024 * 1024
+SEND_WAIT = 10.0  # seconds a child may leave a frame we send it unread
 OutputHandler = Callable[[str, list[str]], None]
 
 
@@ -57,6 +58,7 @@ class ChildProcess:
         self.frames: deque[tuple[Message, bytes]] = deque()
         self.protocol_error = ""
         self.exit: ExitInfo | None = None
+        self.pid: int | None = None  # known once the fork server answered (`ready`)
         self.stderr_tail: deque[str] = deque(maxlen=stderr_tail)
         self._reader = FrameReader(max_blob, sender=config.role, blobs=False)
         self.conversation = Conversation(config.role)
@@ -84,6 +86,8 @@ class ChildProcess:
             self._close_parent_ends()
             raise
         self.pid = self.handle.pid
+        if self.protocol_error:
+            self.kill_tree()  # it broke the protocol while we waited for its pid
         self._register()
 
     def _spawn(self, launcher: Launcher, config: ChildConfig,
@@ -122,8 +126,9 @@ class ChildProcess:
         for stream, fd in self._fds.items():
             os.set_blocking(fd, False)
             self.loop.add(fd, lambda s=stream: self._read_output(s))
-        self.chan.setblocking(False)
-        self.loop.add(self.chan, self._read_channel)
+        if self.chan.fileno() >= 0:  # closed: it broke the protocol before we knew it
+            self.chan.setblocking(False)
+            self.loop.add(self.chan, self._read_channel)
         self.loop.add(self.handle.exit_fd, self._on_exit)
 
     def send(self, message: Message, fds: tuple[int, ...] = ()) -> bool:
@@ -134,15 +139,20 @@ class ChildProcess:
         return self._send_raw(encode_frame(message), fds)
 
     def _send_raw(self, frame: bytes, fds: tuple[int, ...] = ()) -> bool:
+        # Bounded: a child that stops reading its channel must not hang our loop.
         try:
-            self.chan.setblocking(True)
+            self.chan.settimeout(SEND_WAIT)
             sent = socket.send_fds(self.chan, [frame], list(fds)) if fds else 0
             self.chan.sendall(frame[sent:])
             return True
+        except TimeoutError:
+            self._broke(f"did not read what the runner sent for {SEND_WAIT:g} s")
+            return False
         except OSError:
             return False
         finally:
-            self.chan.setblocking(False)
+            if self.chan.fileno() >= 0:
+                self.chan.setblocking(False)
 
     @property
     def running(self) -> bool:
@@ -196,7 +206,8 @@ class ChildProcess:
     def _broke(self, what: str) -> None:
         # Stop listening and kill now: a child that lies once is not read further.
         self.protocol_error = what
-        self.kill_tree()
+        if self.pid is not None:
+            self.kill_tree()
         self.loop.remove(self.chan)
         self.chan.close()
 

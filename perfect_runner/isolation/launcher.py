@@ -42,6 +42,7 @@ from .sandbox import FAIL_ENV, Choice
 START_METHODS = ("forkserver", "spawn")
 MAX_REPLY = 4096
 DEATH_WAIT = 2.0  # seconds to learn how a server whose sockets closed has died
+SPAWN_WAIT = 10.0  # seconds a spawn request waits for the server's answer (a fork: ~1 ms)
 
 
 class LaunchError(Exception):
@@ -226,9 +227,13 @@ class PendingChild:
         self.reply = reply
         self.server = server
 
-    def wait(self) -> ChildHandle:
+    def wait(self, timeout: float = SPAWN_WAIT) -> ChildHandle:
+        self.reply.settimeout(timeout)
         try:
             data, pidfds, _, _ = socket.recv_fds(self.reply, MAX_REPLY, 1)
+        except TimeoutError:
+            self.reply.close()
+            raise LaunchError(f"the fork server did not answer within {timeout:.0f} s") from None
         except OSError:
             data, pidfds = b"", []
         if not data:

@@ -1,0 +1,69 @@
+"""One owner of process lifetime: the fork server reports a child's exit once its
+whole tree is gone, and nothing in the control loop waits without bound.
+
+Real processes; each test runs in both sandbox modes.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import Recorder, execute_flow, is_gone_in
+
+from perfect_runner.executor.options import RunOptions
+from perfect_runner.isolation import child_process
+
+MODES = ["namespace", "off"]
+
+CRASH_WITH_DAEMON = '''
+@task(crucial_pass=False)
+def daemon_then_crash():
+    # Its own session, so only the fork server's orphan killing can reach it.
+    daemon = subprocess.Popen(["sleep", "331"], start_new_session=True)
+    print(f"daemon {daemon.pid} {os.readlink('/proc/self/ns/pid')}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+@flow("crash")
+def crash():
+    daemon_then_crash()
+'''
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_task_is_over_only_once_what_it_left_behind_is_gone(write_flows, mode: str) -> None:
+    seen: dict[str, bool] = {}
+    daemon: list[tuple[str, int]] = []
+
+    def on_event(kind: str, data) -> None:
+        if kind == "task_output" and data[1] == "stdout":
+            _, pid, namespace = data[2][0].split()
+            daemon.append((namespace, int(pid)))
+        if kind == "task_finished":
+            seen["gone_when_finished"] = is_gone_in(*daemon[0])
+
+    ran = execute_flow(write_flows(CRASH_WITH_DAEMON), "crash", listener=Recorder(on_event),
+                       sandbox=mode)
+    assert ran.task("daemon_then_crash").note.startswith("crashed: SIGKILL")
+    assert seen == {"gone_when_finished": True}
+
+
+STOPPED_FLOW = '''
+@task
+def big(flow_pid):
+    os.kill(flow_pid, signal.SIGSTOP)  # the flow process will not read our answer
+    return b"x" * (16 * 1024 * 1024)
+
+@flow("stopped")
+def stopped():
+    big(os.getpid())
+'''
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_child_that_stops_reading_its_channel_cannot_hang_the_run(
+        write_flows, monkeypatch, mode: str) -> None:
+    monkeypatch.setattr(child_process, "SEND_WAIT", 0.5)
+    ran = execute_flow(write_flows(STOPPED_FLOW), "stopped", options=RunOptions(),
+                       sandbox=mode)
+    assert ran.record.state == "FAILED"
+    assert ran.record.note == ("flow process broke the runner protocol: did not read what "
+                               "the runner sent for 0.5 s")
