@@ -25,8 +25,8 @@ from conftest import REPO, is_gone, run_cli
 from fake_perfect import FakePerfect
 from worker_process import start_worker, stop_worker, worker_output
 
-from perfect_runner.isolation.child_bootstrap import EXIT_BOOTSTRAP
 from perfect_runner.isolation.healing import Backoff
+from perfect_runner.isolation.protocol import EXIT_BOOTSTRAP
 
 # Healing needs a fork server a task can kill: without the sandbox. Inside it, the
 # server is init of its namespace and ignores a task's signals (test_sandbox.py).

@@ -48,10 +48,11 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from . import sandbox
-from .child_bootstrap import EXIT_BOOTSTRAP, ChildConfig, become_child, preload_roles
+from .child_bootstrap import ChildConfig, become_child, preload_roles
 from .loader import ModuleLoadError, describe, load_modules
 from .oskit import become_subreaper, close_quietly, die_with_parent, drain_pipe
 from .proctree import direct_children, kill_all_below, kill_tree
+from .protocol import EXIT_BOOTSTRAP
 
 MAX_PACKET = 65536
 ORPHAN_WAIT = 2.0  # seconds an exit report waits at most for orphans to be gone
