@@ -439,3 +439,30 @@ def test_a_worker_without_root_gets_a_user_namespace(tmp_path: Path) -> None:
     assert "uid=65534 ppid=1 caps=0000000000000000" in line
     pids = json.loads(line.split("pids=", 1)[1])
     assert max(pids) < 10, "only the namespace's few processes are visible"
+
+
+# --- the sandbox heals too ------------------------------------------------------------
+
+
+def test_when_init_is_killed_from_outside_a_new_sandbox_serves(write_flows) -> None:
+    """As the OOM killer would: SIGKILL init. Its namespace goes with it, the stub
+    ends the same way, and the launcher starts a new server in a new namespace."""
+    from conftest import Recorder
+
+    from perfect_runner.executor.engine import FlowExecutor
+
+    executor = FlowExecutor([str(write_flows(LOOK))], sandbox="namespace")
+    try:
+        stub = executor.launcher.server_pid
+        (init,) = psutil.Process(stub).children()
+        os.kill(init.pid, signal.SIGKILL)
+        psutil.Process(stub).wait(5)  # the stub ends with init
+        end = time.monotonic() + 15
+        while executor.launcher.restarts == 0 and time.monotonic() < end:
+            time.sleep(0.01)  # the launcher's watcher says when the new one is up
+        assert executor.launcher.restarts == 1
+        assert executor.launcher.server_pid != stub
+        record = executor.new_run("Look", Recorder()).execute()
+        assert record.state == "COMPLETED"
+    finally:
+        executor.close()
