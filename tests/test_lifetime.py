@@ -67,3 +67,22 @@ def test_a_child_that_stops_reading_its_channel_cannot_hang_the_run(
     assert ran.record.state == "FAILED"
     assert ran.record.note == ("flow process broke the runner protocol: did not read what "
                                "the runner sent for 0.5 s")
+
+
+def test_a_pid_that_is_not_known_is_never_signalled() -> None:
+    """A pidfd of a reaped process says pid -1: kill(-1) would signal everything."""
+    import os
+
+    from perfect_runner.isolation.oskit import pid_of_pidfd, signal_group, signal_process
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    pidfd = os.pidfd_open(pid)
+    os.waitpid(pid, 0)
+    try:
+        assert pid_of_pidfd(pidfd) == -1
+    finally:
+        os.close(pidfd)
+    # Signal 0 only checks: kill(-1, 0) and killpg(0, 0) would succeed unguarded.
+    assert not signal_process(-1, 0) and not signal_group(0, 0) and not signal_group(-1, 0)

@@ -42,6 +42,8 @@ def become_subreaper() -> bool:
 
 def signal_process(pid: int, sig: int) -> bool:
     """Send `sig`; False when the process is already gone ("no such process")."""
+    if pid <= 1:
+        return False  # never everyone (-1), our own group (0) or init: a pid not known
     try:
         os.kill(pid, sig)
         return True
@@ -50,6 +52,8 @@ def signal_process(pid: int, sig: int) -> bool:
 
 
 def signal_group(pgid: int, sig: int) -> bool:
+    if pgid <= 1:
+        return False  # killpg(0) is our own group; a group not known is no one's
     try:
         os.killpg(pgid, sig)
         return True
@@ -86,6 +90,7 @@ def pid_of_pidfd(pidfd: int) -> int:
 
     A fork server in its own namespace knows its children by the pids there; the
     pidfd it hands over tells us the pid on our side (kernel 5.3+: "Pid:" in fdinfo).
+    -1 when the process is already gone (reaped): the signal helpers ignore it.
     """
     with open(f"/proc/self/fdinfo/{pidfd}") as handle:
         for line in handle:
