@@ -307,9 +307,11 @@ class FlowRun:
 
     def _settle_retired(self) -> None:
         """Before the next task: the processes earlier tasks started are gone (the
-        fork server reports an exit once a task's whole tree is)."""
+        fork server reports an exit once a task's whole tree is). A task process that
+        started none is not waited for: its own exit costs the next task nothing."""
         for child in self._retiring:
-            child.await_exit()
+            if child.left_behind:
+                child.await_exit()
         for child in [c for c in self._retiring if not c.running]:
             child.close()
             self._retiring.remove(child)

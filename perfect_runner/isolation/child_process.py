@@ -59,6 +59,7 @@ class ChildProcess:
         self.protocol_error = ""
         self.exit: ExitInfo | None = None
         self.pid: int | None = None  # known once the fork server answered (`ready`)
+        self.left_behind = False  # its tree had more than itself when we killed it
         self.stderr_tail: deque[str] = deque(maxlen=stderr_tail)
         self._reader = FrameReader(max_blob, sender=config.role, blobs=False)
         self.conversation = Conversation(config.role)
@@ -227,8 +228,8 @@ class ChildProcess:
 
     def kill_tree(self) -> None:
         """SIGKILL the child's whole tree; the fork server reports its exit once all
-        of it is gone."""
-        kill_tree(self.pid)
+        of it is gone. `left_behind` says whether there was more than the child."""
+        self.left_behind = bool(kill_tree(self.pid)) or self.left_behind
 
     def await_exit(self, timeout: float = 5.0) -> None:
         """Run the loop until the fork server says the child's tree is gone."""
