@@ -64,7 +64,14 @@ PARENT_DEATH_SIGNAL = signal.SIGTERM
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     die_with_parent(args.parent_pid)
-    choice = sandbox.choose(args.sandbox, args.sandbox_fail)
+    become_subreaper()
+    probe = sandbox.Probe(args.sandbox, args.sandbox_fail)  # runs while we import
+    sys.path[:0] = [p for p in json.loads(args.sys_path) if p not in sys.path]
+    try:
+        load_modules(json.loads(args.modules))
+    except ModuleLoadError as exc:
+        _report_failure(args.meta_fd, str(exc))
+    choice = probe.choice()
     if args.sandbox == "namespace" and choice.mode != "namespace":
         _report_failure(args.meta_fd, f"--sandbox namespace is not possible here: {choice.why}; "
                         "use --sandbox auto to fall back to plain processes")
@@ -72,15 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         _enter_sandbox(args)  # from here on we are init, PID 1 of the namespace
     else:
         _guard_without_sandbox(args.parent_pid)
-    sys.path[:0] = [p for p in json.loads(args.sys_path) if p not in sys.path]
     with os.fdopen(args.meta_fd, "w", encoding="utf-8") as meta:
-        try:
-            load_modules(json.loads(args.modules))
-            about = {"mode": choice.mode, "why": choice.why}
-            json.dump({"ok": True, "sandbox": about, **describe()}, meta)
-        except ModuleLoadError as exc:
-            json.dump({"ok": False, "error": str(exc)}, meta)
-            return 3
+        json.dump({"ok": True, "sandbox": {"mode": choice.mode, "why": choice.why},
+                   **describe()}, meta)
     control = socket.socket(fileno=args.control_fd)
     if args.exec_children:
         _flush_std()
@@ -132,7 +133,6 @@ def _report_failure(meta_fd: int, error: str) -> NoReturn:
 def _guard_without_sandbox(parent_pid: int) -> None:
     """Without the namespace: a subreaper that, when the control process dies, kills
     everything below it until nothing is left, so no setsid daemon escapes to init."""
-    become_subreaper()
     signal.signal(PARENT_DEATH_SIGNAL, lambda *_: _kill_everything_and_exit())
     die_with_parent(parent_pid, PARENT_DEATH_SIGNAL)
 

@@ -2,7 +2,7 @@
 
 Runs in the fork server process (see `forkserver`), never in the control process.
 
-- `choose` probes the whole sequence once in a throwaway child and answers
+- `Probe` runs the whole sequence once in a throwaway child and answers
   which mode the server runs in: "namespace", or "off" with the reason.
 - `enter_namespace` unshares a new PID and mount namespace (and, without
   root, a user namespace mapping only our own uid and gid). The next process
@@ -72,28 +72,41 @@ class Choice:
     why: str = ""
 
 
-def choose(requested: str, fail_step: str = "") -> Choice:
-    """"off" as asked; otherwise the namespace if the probe passes, else why not."""
-    if requested == "off":
-        return Choice("off")
-    why = probe(fail_step)
-    return Choice("off", why) if why else Choice("namespace")
+class Probe:
+    """The whole sequence run once in a throwaway child and grandchild.
+
+    Started first thing, it runs while the fork server imports the flows
+    modules; `choice` waits for its verdict.
+    """
+
+    def __init__(self, requested: str, fail_step: str = "") -> None:
+        self.requested = requested
+        self.pid = 0
+        if requested == "off":
+            return
+        self.report, write_end = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(self.report)
+            _probe_child(write_end, fail_step)  # never returns
+        os.close(write_end)
+
+    def choice(self) -> Choice:
+        """"off" as asked; otherwise the namespace if the probe passed, else why not."""
+        if not self.pid:
+            return Choice("off")
+        with os.fdopen(self.report, "rb") as report:
+            said = report.read().decode(errors="replace")
+        _, status = os.waitpid(self.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 and not said:
+            said = f"the probe process ended with status {code}"
+        return Choice("off", said) if said else Choice("namespace")
 
 
 def probe(fail_step: str = "") -> str:
-    """Run the whole sequence in a throwaway child and grandchild; "" or what failed."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        _probe_child(write_end, fail_step)  # never returns
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as report:
-        said = report.read().decode(errors="replace")
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0 and not said:
-        said = f"the probe process ended with status {os.waitstatus_to_exitcode(status)}"
-    return said
+    """Run the probe and wait: "" when the sandbox works here, else what failed."""
+    return Probe("namespace", fail_step).choice().why
 
 
 def _probe_child(report_fd: int, fail_step: str) -> None:
