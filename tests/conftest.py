@@ -234,8 +234,9 @@ class Ran:
         return self.events.by_name(name)
 
 
-# The sandbox mode of every executor the tests start: PERFECT_SANDBOX=off runs the
-# suite without the namespace (CI runs it both ways).
+# The sandbox mode of the executors `execute_flow` starts: PERFECT_SANDBOX=off runs
+# those tests without the namespace. Every run covers both modes where it matters:
+# test_sandbox.py and test_lifetime.py name the mode of each test.
 SANDBOX = os.environ.get("PERFECT_SANDBOX", "auto")
 
 
