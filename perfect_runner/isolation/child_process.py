@@ -25,7 +25,7 @@ from .child_bootstrap import ChildConfig
 from .launcher import ExitInfo, Launcher, LaunchError, PendingChild
 from .lines import DEFAULT_MAX_LINE, LineSplitter
 from .oskit import close_quietly
-from .proctree import kill_tree
+from .proctree import descendants, kill_tree
 from .protocol import (
     DEFAULT_MAX_BLOB,
     Conversation,
@@ -228,8 +228,17 @@ class ChildProcess:
 
     def kill_tree(self) -> None:
         """SIGKILL the child's whole tree; the fork server reports its exit once all
-        of it is gone. `left_behind` says whether there was more than the child."""
-        self.left_behind = bool(kill_tree(self.pid)) or self.left_behind
+        of it is gone.
+
+        `left_behind` says whether the next task must wait for that report: the
+        tree had more than the child, or the child had already exited when we
+        looked (then what it left was reparented to the fork server, out of our
+        sight). A child alive after the look had all its descendants below it.
+        """
+        members = descendants(self.pid)
+        exited = _readable(self.handle.pidfd) if self.handle.pidfd >= 0 else True
+        kill_tree(self.pid, members)
+        self.left_behind = self.left_behind or bool(members) or exited
 
     def await_exit(self, timeout: float = 5.0) -> None:
         """Run the loop until the fork server says the child's tree is gone."""

@@ -61,9 +61,10 @@ def tree_usage(pid: int) -> tuple[int, int]:
     return sum(_rss(member) for member in members), len(members)
 
 
-def kill_tree(pid: int) -> list[int]:
-    """SIGKILL the process, its group, and every descendant; the descendants killed."""
-    members = descendants(pid)
+def kill_tree(pid: int, members: list[int] | None = None) -> list[int]:
+    """SIGKILL the process, its group, and every descendant (`members`, when the
+    caller has just listed them); the descendants killed."""
+    members = descendants(pid) if members is None else members
     signal_group(pid, signal.SIGKILL)
     signal_process(pid, signal.SIGKILL)
     for member in members:
