@@ -115,10 +115,12 @@ def wait_file(path: Path, limit: float = 20.0) -> str:
 # --- SIGKILL of the control process leaves nothing ---------------------------------
 
 
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
 @pytest.mark.parametrize("mode", MODES)
 def test_sigkill_of_the_control_process_leaves_nothing(hostile: Path, tmp_path: Path,
-                                                       mode: str) -> None:
-    control = subprocess.Popen(cli(hostile, tmp_path, "--run", "Daemon", "--sandbox", mode),
+                                                       mode: str, start_method: str) -> None:
+    control = subprocess.Popen(cli(hostile, tmp_path, "--run", "Daemon", "--sandbox", mode,
+                                   "--start-method", start_method),
                                env=child_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
