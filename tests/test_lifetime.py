@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 from conftest import Recorder, execute_flow, is_gone_in
 
-from perfect_runner.executor.options import RunOptions
 from perfect_runner.isolation import child_process
 
 MODES = ["namespace", "off"]
@@ -46,27 +45,45 @@ def test_a_task_is_over_only_once_what_it_left_behind_is_gone(write_flows, mode:
     assert seen == {"gone_when_finished": True}
 
 
-STOPPED_FLOW = '''
+IDLE = """
 @task
-def big(flow_pid):
-    os.kill(flow_pid, signal.SIGSTOP)  # the flow process will not read our answer
-    return b"x" * (16 * 1024 * 1024)
+def noop():
+    pass
 
-@flow("stopped")
-def stopped():
-    big(os.getpid())
-'''
+@flow("idle")
+def idle():
+    noop()
+"""
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_child_that_stops_reading_its_channel_cannot_hang_the_run(
+def test_a_child_that_stops_reading_its_channel_cannot_hang_the_loop(
         write_flows, monkeypatch, mode: str) -> None:
+    """A task process stopped (SIGSTOP) while we send it a RunTask bigger than the
+    socket buffer (its setup's environment): the send gives up, the child is done."""
+    import os
+    import signal
+
+    from perfect_runner.executor.engine import FlowExecutor
+    from perfect_runner.isolation.protocol import RunTask
+    from perfect_runner.isolation.selector_loop import SelectorLoop
+    from perfect_runner.isolation.supervisor import start_task_process
+
     monkeypatch.setattr(child_process, "SEND_WAIT", 0.5)
-    ran = execute_flow(write_flows(STOPPED_FLOW), "stopped", options=RunOptions(),
-                       sandbox=mode)
-    assert ran.record.state == "FAILED"
-    assert ran.record.note == ("flow process broke the runner protocol: did not read what "
-                               "the runner sent for 0.5 s")
+    executor = FlowExecutor([str(write_flows(IDLE))], sandbox=mode)
+    loop = SelectorLoop()
+    try:
+        child = start_task_process(executor.launcher, loop, lambda *_: None, 1 << 20)
+        os.kill(child.pid, signal.SIGSTOP)
+        big_env = {"FILLER": "x" * (3 * 1024 * 1024)}
+        request = RunTask(key="k", name="noop", index=0, setup={"env": big_env})
+        assert child.send(request) is False
+        assert child.protocol_error == "did not read what the runner sent for 0.5 s"
+        child.stop()  # SIGKILL reaches a stopped process; the server reports the exit
+        assert child.exit is not None and child.exit.signal == signal.SIGKILL
+    finally:
+        loop.close()
+        executor.close()
 
 
 def test_a_pid_that_is_not_known_is_never_signalled() -> None:
