@@ -2,7 +2,10 @@
 
 It owns the parent ends of the child's pipes and channel, turns output bytes
 into lines and channel bytes into checked messages, and learns of the exit
-from the pidfd. It never unpickles anything, and never sees a payload: those
+from the fork server's report, which comes once the child's whole tree is
+gone (never blocking: the report socket is watched by the loop). Every send
+is bounded (`SEND_WAIT`): a child that stops reading breaks the protocol.
+It never unpickles anything, and never sees a payload: those
 go on payload channels whose ends it only passes on (see `protocol`).
 
 A child that breaks the protocol (see `protocol`: a frame that fails its

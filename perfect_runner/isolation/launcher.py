@@ -2,10 +2,12 @@
 
 Control-process side. `ServerProcess` is one running fork server (see
 `forkserver`): a request hands back a `PendingChild`, whose answer is a
-`ChildHandle`: its pid, a pidfd that becomes readable when the child exits
-(the supervisor waits on it, not on pipe EOF, which grandchildren can hold
-open), and the exit status. `healing.HealingLauncher` keeps one running and
-starts a new one when it dies.
+`ChildHandle`: its pid as numbered on our side (read from the pidfd the server
+hands over, since in the sandbox the server numbers its children in a PID
+namespace of its own), the pidfd, and a report socket that becomes readable
+once the child and everything it left behind are gone (watched by the loop,
+not pipe EOF, which grandchildren can hold open), carrying the exit status.
+`healing.HealingLauncher` keeps one running and starts a new one when it dies.
 
 Both start methods go through our own fork server, which stays the parent of
 every child: it reaps them, reports their exit status and kills what they
