@@ -315,11 +315,11 @@ class NoopFlows:
     """A FlowExecutor over a no-op flows module, one run = one batch of timed calls."""
 
     def __init__(self, module: str, calls: int, start_method: str = "forkserver",
-                 flow: str = "noop_calls") -> None:
-        self.out = f"{module}.{start_method}.{flow}.json"
+                 flow: str = "noop_calls", sandbox: str = "auto") -> None:
+        self.out = f"{module}.{start_method}.{sandbox}.{flow}.json"
         self.flow = flow
         env = bench_env(PR_BENCH_CALLS=str(calls), PR_BENCH_OUT=self.out)
-        self.executor = FlowExecutor([module], start_method, env=env)
+        self.executor = FlowExecutor([module], start_method, env=env, sandbox=sandbox)
 
     def batch(self) -> list[float]:
         execute(self.executor, self.flow)

@@ -4,7 +4,9 @@ A flow calls a no-op task N times (local mode, no backend, a listener that does
 nothing) and times each call with time.perf_counter(). Variants, interleaved
 round by round:
 
-- perfect_runner, default start method (its own fork server);
+- perfect_runner, default start method (its own fork server), in the sandbox
+  (`--sandbox namespace`: the fork server is init of its own PID and mount
+  namespace) and without it (`--sandbox off`);
 - perfect_runner --start-method spawn (fewer calls: slow);
 - a plain in-process call;
 - os.fork() + pipe + pickled result: the floor;
@@ -27,14 +29,18 @@ multiprocessing's forkserver and than RQ.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import _rq_bench
 import common
 from common import TIMING_HEADERS, NoopFlows, Row, Stats, helper, interleave, print_table
 
+from perfect_runner.isolation import sandbox
+
 LABELS = {
-    "pr_default": "perfect_runner (forkserver)",
+    "pr_default": "perfect_runner (forkserver, sandbox)",
+    "pr_nosandbox": "perfect_runner (forkserver, --sandbox off)",
     "pr_spawn": "perfect_runner --start-method spawn",
     "inprocess": "plain in-process call",
     "fork": "os.fork + pipe (floor)",
@@ -80,19 +86,23 @@ class RqVariant:
 
 def main(quick: bool = False) -> list[Row]:
     rounds = 2 if quick else 5
-    calls = {"pr_default": 100 if quick else 500, "pr_spawn": 8 if quick else 30,
+    calls = {"pr_default": 100 if quick else 500, "pr_nosandbox": 100 if quick else 500,
+             "pr_spawn": 8 if quick else 30,
              "inprocess": 100 if quick else 500, "fork": 100 if quick else 500,
              "mp_fork": 100 if quick else 300, "mp_forkserver": 15 if quick else 80,
              "pool_mtpc1": 8 if quick else 30}
     rq_jobs, rq_rounds = (20, 1) if quick else (100, rounds)
     directory = common.work_dir("start")
     module = common.noop_flows_module(directory)
-    default = NoopFlows(module, calls["pr_default"])
+    default = NoopFlows(module, calls["pr_default"], sandbox="namespace")
+    plain = NoopFlows(module, calls["pr_nosandbox"], sandbox="off")
     spawn = NoopFlows(module, calls["pr_spawn"], "spawn")
     rq = RqVariant(rq_jobs, rq_rounds, module, directory)
     try:
         default.batch()  # warm-up: first run, not timed
-        variants = {"pr_default": default.batch, "pr_spawn": spawn.batch}
+        plain.batch()
+        variants = {"pr_default": default.batch, "pr_nosandbox": plain.batch,
+                    "pr_spawn": spawn.batch}
         for name in ("inprocess", "fork", "mp_fork", "mp_forkserver", "pool_mtpc1"):
             variants[name] = lambda n=name: helper([n, str(calls[n]), module])
         if not rq.reason:
@@ -101,6 +111,7 @@ def main(quick: bool = False) -> list[Row]:
         pooled = interleave(variants, rounds)
     finally:
         default.close()
+        plain.close()
         spawn.close()
         rq.close()
 
@@ -127,10 +138,26 @@ def main(quick: bool = False) -> list[Row]:
         Row("1 start", "mp forkserver / default", ">= 6.0x", f"{mpfs / pr:.2f}x",
             mpfs / pr >= 6.0),
         rq_row(rq, pooled.get("rq", []), pr),
+        Row("1 start", "sandbox cost per task (median, on - off)", "-",
+            f"{(pr - Stats.of(pooled['pr_nosandbox']).median) * 1000:+.2f} ms", None),
+        Row("1 start", "sandbox probe, once per fork server start", "-",
+            f"{probe_time() * 1000:.2f} ms", None),
         Row("1 start", "spawn median per task", "-",
             f"{Stats.of(pooled['pr_spawn']).median * 1000:.1f} ms", None),
     ]
     return rows
+
+
+def probe_time(repeats: int = 20) -> float:
+    """Median time of the sandbox's probe (unshare, init, /proc, capabilities) from here."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        why = sandbox.probe()
+        samples.append(time.perf_counter() - start)
+        if why:
+            return float("nan")
+    return Stats.of(samples).median
 
 
 def rq_row(rq: RqVariant, samples: list[float], pr: float) -> Row:

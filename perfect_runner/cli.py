@@ -41,7 +41,8 @@ def _main(argv: list[str] | None) -> int:
     handler.setFormatter(CleanFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level, handlers=[handler])
     try:
-        executor = FlowExecutor(args.flows, args.start_method, options, env=child_env)
+        executor = FlowExecutor(args.flows, args.start_method, options, env=child_env,
+                                sandbox=args.sandbox)
     except LaunchError as exc:
         return _usage(str(exc))
     try:

@@ -19,6 +19,7 @@ from .sdk.units import format_size, parse_size
 DEFAULT_SERVER = "http://localhost:3000"
 START_METHODS = ("forkserver", "spawn")
 WORKDIRS = ("inherit", "tmp")
+SANDBOX_MODES = ("auto", "namespace", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MIN_LOG_FILE = 16 * 1024
 
@@ -55,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env_choice("START_METHOD", "forkserver", START_METHODS),
         help="how task processes start: forkserver (default; a small fork server with the "
         "flows modules preloaded) or spawn (a fresh interpreter per process)")
+    add("--sandbox", choices=SANDBOX_MODES,
+        default=_env_choice("SANDBOX", "auto", SANDBOX_MODES),
+        help="auto (default): run flows and tasks in a PID and mount namespace of their own "
+        "when this machine allows it, else plain processes with one warning; namespace: "
+        "the same, or exit if not possible; off: plain processes (tasks see the host's "
+        "processes); see 'Security model' in the README")
     add = p.add_argument_group("worker mode (a Perfect backend)").add_argument
     add("--server", default=None, metavar="URL",
         help=f"Perfect backend URL [PERFECT_SERVER_URL, default {DEFAULT_SERVER} in worker mode]")

@@ -144,6 +144,74 @@ def descendants() -> list[psutil.Process]:
     return psutil.Process().children(recursive=True)
 
 
+def host_pid(pid: int, under: int | None = None) -> int:
+    """Our pid of a process below us (or below `under`) that calls itself `pid`.
+
+    Inside the sandbox a task knows itself by its pid in the fork server's PID
+    namespace; /proc/<ours>/status lists every pid it has, ours first and its own
+    last. Without the sandbox the two are the same. Ask while the process lives.
+    """
+    root = psutil.Process(under) if under else psutil.Process()
+    for process in root.children(recursive=True):
+        try:
+            with open(f"/proc/{process.pid}/status") as handle:
+                line = next(ln for ln in handle if ln.startswith("NSpid:"))
+        except (OSError, StopIteration):
+            continue
+        if int(line.split()[-1]) == pid:
+            return process.pid
+    raise LookupError(f"no process below us is pid {pid} in its namespace")
+
+
+def pid_namespace(pid: int | str = "self") -> str:
+    """The id of a process's PID namespace, e.g. "pid:[4026531836]"; "" if it is gone."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return ""
+
+
+def is_gone_in(namespace: str, pid: int) -> bool:
+    """Whether the process that is `pid` in PID namespace `namespace` is gone.
+
+    For pids a task reported from inside the sandbox: scans every process we see.
+    """
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and pid_namespace(entry) == namespace:
+            try:
+                with open(f"/proc/{entry}/status") as handle:
+                    fields = dict(ln.split(":", 1) for ln in handle if ":" in ln)
+            except OSError:
+                continue
+            if int(fields["NSpid"].split()[-1]) == pid and fields["State"].split()[0] != "Z":
+                return False
+    return True
+
+
+def left_below(worker_pid: int) -> list[psutil.Process]:
+    """What runs below a worker besides its fork server (and the server's init, which
+    is pid 1 of the sandbox's namespace): empty when the worker is idle."""
+    left = []
+    for process in psutil.Process(worker_pid).children(recursive=True):
+        try:
+            server = "isolation.forkserver" in " ".join(process.cmdline())
+            parent = process.ppid()
+        except psutil.Error:
+            continue
+        if is_gone(process.pid):
+            continue
+        if server and (parent == worker_pid or pid_namespace(process.pid) != pid_namespace()
+                       and _namespace_pid(process.pid) == 1):
+            continue
+        left.append(process)
+    return left
+
+
+def _namespace_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        return int(next(ln for ln in handle if ln.startswith("NSpid:")).split()[-1])
+
+
 def is_gone(pid: int) -> bool:
     """No such process, or only a zombie waiting to be reaped (nothing running)."""
     try:
@@ -166,19 +234,39 @@ class Ran:
         return self.events.by_name(name)
 
 
+# The sandbox mode of the executors `execute_flow` starts: PERFECT_SANDBOX=off runs
+# those tests without the namespace. Every run covers both modes where it matters:
+# test_sandbox.py and test_lifetime.py name the mode of each test.
+SANDBOX = os.environ.get("PERFECT_SANDBOX", "auto")
+
+
+def server_processes(executor: FlowExecutor) -> set[int]:
+    """The fork server's pids: the server, and its init when it runs the sandbox."""
+    server = executor.launcher.server_pid
+    if server is None:
+        return set()
+    if executor.launcher.sandbox.mode != "namespace":
+        return {server}
+    try:
+        return {server, *(p.pid for p in psutil.Process(server).children())}
+    except psutil.NoSuchProcess:
+        return {server}
+
+
 def execute_flow(path: Path, flow: str, start_method: str = "forkserver",
-                 options: RunOptions | None = None, listener: Recorder | None = None) -> Ran:
+                 options: RunOptions | None = None, listener: Recorder | None = None,
+                 sandbox: str = SANDBOX) -> Ran:
     """Run one flow in this (control) process with a fresh executor, then check
     that only the fork server is left among our descendants, that close()
     leaves none at all, and that the flows module was never imported here.
     """
     before = {p.pid for p in descendants()}
-    executor = FlowExecutor([str(path)], start_method, options)
+    executor = FlowExecutor([str(path)], start_method, options, sandbox=sandbox)
     try:
         events = listener or Recorder()
         record = executor.new_run(flow, events).execute()
-        server = executor.launcher.server_pid
-        left = [p for p in alive(descendants()) if p.pid != server and p.pid not in before]
+        server = server_processes(executor)
+        left = [p for p in alive(descendants()) if p.pid not in server and p.pid not in before]
         assert left == [], f"processes outlived the run: {_explain(left)}"
     finally:
         executor.close()

@@ -17,10 +17,8 @@ import json
 import textwrap
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import Recorder, run_cli
-from conftest import is_gone as gone
+from conftest import Recorder, is_gone_in, left_below, run_cli
 from fake_perfect import FakePerfect
 from worker_process import start_worker, stop_worker, worker_output
 
@@ -65,7 +63,7 @@ def quick():
 
 @task(estimated_time=100)
 def work():
-    (MARK / f"work-{{os.getpid()}}").write_text("")
+    (MARK / f"work-{{os.getpid()}}").write_text(os.readlink("/proc/self/ns/pid"))
     print("working", flush=True)
     time.sleep(30)  # a faulty run never gets this far: its processes are killed
 
@@ -97,8 +95,9 @@ def armed(places: list[str]) -> dict[str, str]:
     return {ENV: ",".join(f"{place}@Fault {place}" for place in places)}
 
 
-def work_pids(tmp_path: Path) -> list[int]:
-    return [int(p.name[5:]) for p in tmp_path.glob("work-*")]
+def work_pids(tmp_path: Path) -> list[tuple[str, int]]:
+    """(PID namespace, pid there) of every `work` task process so far."""
+    return [(p.read_text(), int(p.name[5:])) for p in tmp_path.glob("work-*")]
 
 
 def notes(tasks: list[dict], run_note: str = "") -> str:
@@ -133,7 +132,7 @@ def test_local_mode_a_fault_anywhere_fails_only_its_run(tmp_path: Path) -> None:
     assert {r["tasks"][0]["note"] for r in fine} == {"left running: none"}
     # The task processes that were running when their run failed were killed.
     assert len(work_pids(tmp_path)) >= 2  # supervisor.watch, task_output
-    assert all(gone(pid) for pid in work_pids(tmp_path))
+    assert all(is_gone_in(*work) for work in work_pids(tmp_path))
     assert "the runner failed while handling this run" in result.stderr
 
 
@@ -148,10 +147,8 @@ def test_worker_a_fault_anywhere_fails_only_its_run_at_the_backend(tmp_path: Pat
                 check_faulty_run(fake, f"Fault {place}", place)
                 check_fine_run(fake)
             assert worker.poll() is None
-            assert all(gone(pid) for pid in work_pids(tmp_path))
-            left = [p for p in psutil.Process(worker.pid).children(recursive=True)
-                    if not gone(p.pid)]
-            assert len(left) == 1 and "isolation.forkserver" in " ".join(left[0].cmdline())
+            assert all(is_gone_in(*work) for work in work_pids(tmp_path))
+            assert left_below(worker.pid) == []
         finally:
             stop_worker(worker)
     assert "the runner failed while handling this run" in worker_output(tmp_path)

@@ -17,9 +17,16 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
-from conftest import HEADER, Recorder, alive, descendants, execute_flow, is_gone, run_cli
+from conftest import (
+    HEADER,
+    Recorder,
+    alive,
+    descendants,
+    execute_flow,
+    is_gone_in,
+    run_cli,
+)
 
 from perfect_runner.executor.options import RunOptions
 from perfect_runner.executor.records import RunRecord, TaskRecord
@@ -83,7 +90,8 @@ FAULTS: dict[str, tuple[str, str]] = {
         if pid == 0:
             os.setsid()
             if os.fork() == 0:
-                (TMP / "grandchild.tmp").write_text(str(os.getpid()))
+                (TMP / "grandchild.tmp").write_text(
+                    f"{os.getpid()} {os.readlink('/proc/self/ns/pid')}")
                 os.rename(TMP / "grandchild.tmp", TMP / "grandchild.pid")
                 time.sleep(1000)
             os._exit(0)
@@ -294,8 +302,8 @@ def test_setsid_grandchild_dies_with_its_task(fault_flows: Path, tmp_path: Path)
     pid_file.unlink(missing_ok=True)
     faulty, _, _ = run_fault(fault_flows, tmp_path, "setsid_grandchild")
     assert (faulty.state, faulty.note) == ("COMPLETED", "")
-    pid = int(pid_file.read_text())
-    assert is_gone(pid), psutil.Process(pid)
+    pid, namespace = pid_file.read_text().split()
+    assert is_gone_in(namespace, int(pid)), pid
 
 
 @pytest.mark.timeout(40)

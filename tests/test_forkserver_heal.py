@@ -25,8 +25,12 @@ from conftest import REPO, is_gone, run_cli
 from fake_perfect import FakePerfect
 from worker_process import start_worker, stop_worker, worker_output
 
-from perfect_runner.isolation.child_bootstrap import EXIT_BOOTSTRAP
 from perfect_runner.isolation.healing import Backoff
+from perfect_runner.isolation.protocol import EXIT_BOOTSTRAP
+
+# Healing needs a fork server a task can kill: without the sandbox. Inside it, the
+# server is init of its namespace and ignores a task's signals (test_sandbox.py).
+OFF = ("--sandbox", "off")
 
 FLOWS = '''
 import os
@@ -115,7 +119,7 @@ def said(record: dict) -> str:
 
 @pytest.mark.timeout(60)
 def test_local_task_kills_fork_server_then_flow_process_next_runs_work(module, tmp_path):
-    result = run_cli("--flows", str(module), "--run", "Kill Server", "--run", "Fine",
+    result = run_cli(*OFF, "--flows", str(module), "--run", "Kill Server", "--run", "Fine",
                      "--run", "Kill Flow", "--run", "Fine", cwd=tmp_path)
     assert result.code == 1, result.stderr[-2000:]
     killed_server, fine1, killed_flow, fine2 = records(tmp_path)
@@ -142,7 +146,7 @@ def test_local_task_kills_fork_server_then_flow_process_next_runs_work(module, t
 
 @pytest.mark.timeout(60)
 def test_local_fork_server_that_keeps_dying_is_restarted_with_backoff(module, tmp_path):
-    result = run_cli("--flows", str(module), "--run", "Kill Server", "--run", "Kill Server",
+    result = run_cli(*OFF, "--flows", str(module), "--run", "Kill Server", "--run", "Kill Server",
                      "--run", "Fine", cwd=tmp_path)
     assert result.code == 1, result.stderr[-2000:]
     first, second, fine = records(tmp_path)
@@ -154,7 +158,8 @@ def test_local_fork_server_that_keeps_dying_is_restarted_with_backoff(module, tm
 
 @pytest.mark.timeout(60)
 def test_local_spawn_start_method_heals_too(module, tmp_path):
-    result = run_cli("--flows", str(module), "--start-method", "spawn", "--run", "Kill Server",
+    result = run_cli(*OFF, "--flows", str(module), "--start-method", "spawn",
+                     "--run", "Kill Server",
                      "--run", "Fine", cwd=tmp_path)
     assert result.code == 1, result.stderr[-2000:]
     killed, fine = records(tmp_path)
@@ -196,7 +201,7 @@ def backend_notes(run: dict) -> str:
 def test_worker_runs_served_by_a_killed_fork_server_fail_and_a_new_one_serves(module,
                                                                            tmp_path):
     with FakePerfect(poll_hold=1.0) as fake:
-        worker = start_worker(fake.url, module, tmp_path, "--concurrency", "2")
+        worker = start_worker(fake.url, module, tmp_path, *OFF, "--concurrency", "2")
         try:
             fake.wait_for(lambda: len(fake.flows) == 4, 20)
             old_server = fork_server(worker).pid
@@ -226,7 +231,7 @@ def test_worker_runs_served_by_a_killed_fork_server_fail_and_a_new_one_serves(mo
 @pytest.mark.timeout(60)
 def test_worker_task_kills_its_flow_process_run_fails_next_completes(module, tmp_path):
     with FakePerfect(poll_hold=1.0) as fake:
-        worker = start_worker(fake.url, module, tmp_path)
+        worker = start_worker(fake.url, module, tmp_path, *OFF)
         try:
             fake.wait_for(lambda: len(fake.flows) == 4, 20)
             server = fork_server(worker).pid
@@ -256,7 +261,7 @@ def only_the_fork_server_left(worker: subprocess.Popen) -> bool:
 @pytest.mark.timeout(60)
 def test_worker_stops_polling_while_no_fork_server_runs(module, tmp_path):
     with FakePerfect(poll_hold=1.0) as fake:
-        worker = start_worker(fake.url, module, tmp_path)
+        worker = start_worker(fake.url, module, tmp_path, *OFF)
         try:
             fake.wait_for(lambda: len(fake.flows) == 4, 20)
             (tmp_path / "break-imports").write_text("")  # no new server can start

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, is_gone
+from conftest import REPO, host_pid, is_gone
 
 FLOWS = '''
 import os, signal, subprocess, sys, time
@@ -97,7 +97,9 @@ def wait_until_crunch_runs(tmp_path: Path, proc: subprocess.Popen) -> list[int]:
 
 
 def everything_started(proc: subprocess.Popen, task_pids: list[int]) -> list[int]:
-    return [p.pid for p in psutil.Process(proc.pid).children(recursive=True)] + task_pids
+    # The task reported its pids as it sees them (inside the sandbox: its namespace's).
+    return [p.pid for p in psutil.Process(proc.pid).children(recursive=True)] + [
+        host_pid(pid, under=proc.pid) for pid in task_pids]
 
 
 def assert_all_gone(pids: list[int], limit: float = 5.0) -> None:

@@ -8,9 +8,10 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import HEADER, Ran, Recorder, descendants, execute_flow, is_gone
+from conftest import HEADER, Ran, Recorder, descendants, execute_flow, is_gone, is_gone_in
 
 from perfect_runner.executor.engine import FlowExecutor
 from perfect_runner.executor.options import RunOptions
@@ -363,7 +364,7 @@ BACKGROUND = """
 @task
 def start_sleeper():
     sleeper = subprocess.Popen(["sleep", "1000"])
-    print(f"sleeper {sleeper.pid}", flush=True)
+    print(f"sleeper {sleeper.pid} {os.readlink('/proc/self/ns/pid')}", flush=True)
     return TaskResult(passed=True)
 
 
@@ -382,22 +383,28 @@ def background():
 @pytest.mark.parametrize("start_method", START_METHODS)
 def test_background_subprocess_dies_with_its_task(write_flows, run_flow,
                                                   start_method: str) -> None:
-    seen: dict[str, int] = {}
+    seen: dict[str, Any] = {}
 
     def on_event(kind: str, data) -> None:
         if kind == "task_output" and data[1] == "stdout":
             for line in data[2]:
                 if line.startswith("sleeper "):
-                    seen["pid"] = int(line.split()[1])
+                    seen["sleeper"] = reported_process(line)
         if kind == "task_started" and data.name == "after":
             # The task that started it is over: its sleeper must already be gone.
-            seen["gone_before_next_task"] = is_gone(seen["pid"])
+            seen["gone_before_next_task"] = is_gone_in(*seen["sleeper"])
 
     ran = run_flow(write_flows(BACKGROUND), "background", start_method,
                    listener=Recorder(on_event))
     assert ran.record.state == "COMPLETED"
     assert seen["gone_before_next_task"]
-    assert is_gone(seen["pid"])
+    assert is_gone_in(*seen["sleeper"])
+
+
+def reported_process(line: str) -> tuple[str, int]:
+    """(PID namespace, pid there) from a task's "<what> <pid> <namespace>" line."""
+    _, pid, namespace = line.split()
+    return namespace, int(pid)
 
 
 def test_executor_close_leaves_no_process(write_flows) -> None:
@@ -434,14 +441,14 @@ DAEMON = """
 def start_daemon():
     # A new session: the daemon leaves the task's process group.
     daemon = subprocess.Popen(["sleep", "1000"], start_new_session=True)
-    print(f"daemon {daemon.pid}", flush=True)
+    print(f"daemon {daemon.pid} {os.readlink('/proc/self/ns/pid')}", flush=True)
     return TaskResult(passed=True)
 
 
 @task(crucial_pass=False)
 def start_daemon_then_crash():
     daemon = subprocess.Popen(["sleep", "1000"], start_new_session=True)
-    print(f"daemon {daemon.pid}", flush=True)
+    print(f"daemon {daemon.pid} {os.readlink('/proc/self/ns/pid')}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # no chance to clean up after itself
 
 
@@ -463,12 +470,7 @@ def test_a_daemon_in_its_own_session_dies_with_its_task(write_flows, run_flow,
     ran = run_flow(write_flows(DAEMON), flow, start_method)
     assert ran.record.state == "COMPLETED"
     (line,) = ran.events.lines(0, "stdout")
-    pid = int(line.split()[1])
-    try:
-        assert is_gone(pid), f"the daemon {pid} outlived its task"
-    finally:
-        if not is_gone(pid):
-            os.kill(pid, signal.SIGKILL)
+    assert is_gone_in(*reported_process(line)), f"the daemon ({line}) outlived its task"
 
 
 ODD_ENDINGS = """

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from conftest import host_pid
 from fake_perfect import FakePerfect
 from worker_process import start_worker, stop_worker
 
@@ -187,7 +188,7 @@ def test_ui_stop_404_kills_the_running_task(fake, flows_module, tmp_path):
         fake.wait_for(lambda: len(fake.flows) == 2, 15)
         run_id = fake.trigger("Slow Flow")
         marker = fake.wait_for(lambda: list(tmp_path.glob("slow-*")), 20)
-        task_pid = int(marker[0].name.split("-")[1])
+        task_pid = host_pid(int(marker[0].name.split("-")[1]), under=worker.pid)
         fake.wait_for(lambda: len(fake.run(run_id)["tasks"]) > 1
                       and fake.run(run_id)["tasks"][1]["state"] == "RUNNING", 10)
         ui_stop(fake)

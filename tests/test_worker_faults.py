@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from conftest import host_pid
 from fake_perfect import FakePerfect, Recorded
 from worker_process import start_worker, stop_worker, worker_output
 
@@ -296,7 +297,7 @@ def test_backend_restart_mid_run_404_kills_run_and_worker_serves_on(fake, flows_
         registered(fake)
         run_id = fake.trigger("Hold Flow")
         marker = fake.wait_for(lambda: hold_started(tmp_path), 20)
-        task_pid = int(marker[0].name.rsplit("-", 1)[1])
+        task_pid = host_pid(int(marker[0].name.rsplit("-", 1)[1]), under=worker.pid)
         fake.wait_for(lambda: (0, "RUNNING") in states_sent(fake, run_id), 10)
         fake.restart()  # the run left RUNNING is failed, as the real server does
 

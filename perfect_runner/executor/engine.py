@@ -22,10 +22,12 @@ from .records import RunRecord
 
 class FlowExecutor:
     def __init__(self, modules: list[str], start_method: str = "forkserver",
-                 options: RunOptions | None = None, env: dict[str, str] | None = None) -> None:
+                 options: RunOptions | None = None, env: dict[str, str] | None = None,
+                 sandbox: str = "auto") -> None:
         self.options = options or RunOptions()
         self.launcher: Launcher = start_launcher(start_method, modules,
-                                                 dict(os.environ if env is None else env))
+                                                 dict(os.environ if env is None else env),
+                                                 sandbox)
         self.flows: dict[str, dict[str, Any]] = {
             f["name"]: f for f in self.launcher.metadata["flows"]}
         self.tasks: dict[str, dict[str, Any]] = self.launcher.metadata["tasks"]

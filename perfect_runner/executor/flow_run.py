@@ -306,10 +306,12 @@ class FlowRun:
             self._retiring.append(child)
 
     def _settle_retired(self) -> None:
-        """Before the next task: the processes earlier tasks started are gone; task
-        processes that have exited are closed (the others are waited for at the end)."""
+        """Before the next task: the processes earlier tasks started are gone (the
+        fork server reports an exit once a task's whole tree is). A task process that
+        started none is not waited for: its own exit costs the next task nothing."""
         for child in self._retiring:
-            child.await_descendants()
+            if child.left_behind:
+                child.await_exit()
         for child in [c for c in self._retiring if not c.running]:
             child.close()
             self._retiring.remove(child)

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from ..isolation.child_bootstrap import ProcessSetup
+from ..isolation.process_setup import ProcessSetup
 from ..isolation.supervisor import TaskLimits
 from .options import RunOptions
 

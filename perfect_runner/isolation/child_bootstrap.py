@@ -12,9 +12,10 @@ interpreter), a child runs `become_child` and never returns from it:
 5. the pipes onto fds 1 and 2, /dev/null onto fd 0;
 6. close every other inherited fd but the channel;
 7. run the role: it reads its first frame, applies the `ProcessSetup` in it
-   (environment, cwd, limits, then the user), and only then runs user code;
+   (see `process_setup`), and only then runs user code;
 8. leave through `os._exit` (no atexit, no flushing of buffers inherited
-   from the fork server), after killing what the role left running.
+   from the fork server); what the role left running is reparented to the
+   fork server, which kills it before it reports the exit.
 
 Exit codes at or above `EXIT_BOOTSTRAP` are reserved for failures of the
 runner's own code, so the supervisor can tell them from a task's `os._exit`.
@@ -30,20 +31,13 @@ import resource
 import signal
 import socket
 import sys
-import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .oskit import become_subreaper, die_with_parent
-from .proctree import direct_children, kill_tree
-
-EXIT_BOOTSTRAP = 120  # the runner's child code failed before or after the task
-EXIT_CHANNEL_LOST = 121  # the control process went away mid-conversation
-
-STACK_DUMP_SIGNAL = signal.SIGUSR1
-SOFT_STOP_SIGNAL = signal.SIGUSR2
+from .protocol import EXIT_BOOTSTRAP, STACK_DUMP_SIGNAL
 
 
 @dataclass
@@ -52,25 +46,6 @@ class ChildConfig:
 
     role: str  # "task" or "flow"
     parent_pid: int
-
-    def to_json(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-
-@dataclass
-class ProcessSetup:
-    """What a child applies to itself once it knows its work, before any user code.
-
-    It travels in the first frame (RunTask / StartFlow), so a task process can
-    be started ahead of time and given its limits only when a task call comes.
-    """
-
-    env: dict[str, str] | None = None
-    cwd: str | None = None
-    rlimits: dict[str, int] = field(default_factory=dict)
-    user: int | None = None  # switch to this uid (and group) before running user code
-    group: int | None = None
-    full_tracebacks: bool = False  # keep the runner's own frames in tracebacks
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -93,27 +68,7 @@ def become_child(config: ChildConfig, out_fd: int, err_fd: int, chan_fd: int) ->
         _last_chance_report(report_fd)
     finally:
         _flush_std()
-        _kill_leftovers()
-        os._exit(code)
-
-
-def _kill_leftovers(limit: float = 2.0) -> None:
-    # What the role started dies (and is reaped) before it: under "spawn" no fork
-    # server is there to kill orphans, and a daemon in its own session would
-    # escape to init. We are a subreaper, so every descendant ends up our child.
-    end = time.monotonic() + limit
-    try:
-        while (children := direct_children(os.getpid())) and time.monotonic() < end:
-            for pid in children:
-                kill_tree(pid)
-            for pid in children:
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-            time.sleep(0.002)
-    except Exception:  # noqa: BLE001 - nothing may stop the exit
-        pass
+        os._exit(code)  # what we leave running, the fork server kills (and reaps)
 
 
 def _reset_signals() -> None:
@@ -161,35 +116,6 @@ def _text_stream(fd: int) -> io.TextIOWrapper:
 def _max_fd() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return soft if soft != resource.RLIM_INFINITY else 65536
-
-
-def apply_setup(raw: dict[str, Any]) -> None:
-    """Environment, working directory, resource limits, then the user: in that order."""
-    config = ProcessSetup(**raw)
-    if config.env is not None:
-        os.environ.clear()
-        os.environ.update(config.env)
-    if config.cwd:
-        os.chdir(config.cwd)
-    for name, value in config.rlimits.items():
-        limit = getattr(resource, f"RLIMIT_{name.upper()}")
-        _, hard = resource.getrlimit(limit)
-        capped = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        # CPU: a second of headroom so the soft limit's SIGXCPU is what ends the task.
-        ceiling = capped + 1 if name == "cpu" else capped
-        resource.setrlimit(limit, (capped, ceiling))
-    _drop_privileges(config)
-
-
-def _drop_privileges(config: ProcessSetup) -> None:
-    # Last, after the pipes and limits: a task under another user can change neither.
-    if config.user is None and config.group is None:
-        return
-    if config.group is not None:
-        os.setgroups([])
-        os.setgid(config.group)
-    if config.user is not None:
-        os.setuid(config.user)
 
 
 def preload_roles() -> None:

@@ -2,7 +2,10 @@
 
 It owns the parent ends of the child's pipes and channel, turns output bytes
 into lines and channel bytes into checked messages, and learns of the exit
-from the pidfd. It never unpickles anything, and never sees a payload: those
+from the fork server's report, which comes once the child's whole tree is
+gone (never blocking: the report socket is watched by the loop). Every send
+is bounded (`SEND_WAIT`): a child that stops reading breaks the protocol.
+It never unpickles anything, and never sees a payload: those
 go on payload channels whose ends it only passes on (see `protocol`).
 
 A child that breaks the protocol (see `protocol`: a frame that fails its
@@ -24,7 +27,7 @@ from .child_bootstrap import ChildConfig
 from .launcher import ExitInfo, Launcher, LaunchError, PendingChild
 from .lines import DEFAULT_MAX_LINE, LineSplitter
 from .oskit import close_quietly, readable
-from .proctree import group_members, kill_tree, wait_gone
+from .proctree import descendants, kill_tree
 from .protocol import (
     DEFAULT_MAX_BLOB,
     Conversation,
@@ -36,10 +39,10 @@ from .protocol import (
 from .selector_loop import SelectorLoop
 from .tracebacks import is_dump_line
 
-GONE = ExitInfo(None)  # exited; status not asked for
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1024 * 1024
 READ_SIZE = 1024 * 1024
+SEND_WAIT = 10.0  # seconds a child may leave a frame we send it unread
 OutputHandler = Callable[[str, list[str]], None]
 
 
@@ -57,12 +60,13 @@ class ChildProcess:
         self.frames: deque[tuple[Message, bytes]] = deque()
         self.protocol_error = ""
         self.exit: ExitInfo | None = None
+        self.pid: int | None = None  # known once the fork server answered (`ready`)
+        self.left_behind = False  # its tree had more than itself when we killed it
         self.stderr_tail: deque[str] = deque(maxlen=stderr_tail)
         self._reader = FrameReader(max_blob, sender=config.role, blobs=False)
         self.conversation = Conversation(config.role)
         self._splitters = {"stdout": LineSplitter(max_line), "stderr": LineSplitter(max_line)}
         self._max_blob = max_blob
-        self._killed: set[int] = set()  # descendants we SIGKILLed, awaited in `stop`
         self._greeting = encode_frame(first_frame) if first_frame else b""
         if first_frame:
             self.conversation.sent(first_frame, bool(first_fds))
@@ -85,6 +89,8 @@ class ChildProcess:
             self._close_parent_ends()
             raise
         self.pid = self.handle.pid
+        if self.protocol_error:
+            self.kill_tree()  # it broke the protocol while we waited for its pid
         self._register()
 
     def _spawn(self, launcher: Launcher, config: ChildConfig,
@@ -123,9 +129,10 @@ class ChildProcess:
         for stream, fd in self._fds.items():
             os.set_blocking(fd, False)
             self.loop.add(fd, lambda s=stream: self._read_output(s))
-        self.chan.setblocking(False)
-        self.loop.add(self.chan, self._read_channel)
-        self.loop.add(self.handle.pidfd, self._on_exit)
+        if self.chan.fileno() >= 0:  # closed: it broke the protocol before we knew it
+            self.chan.setblocking(False)
+            self.loop.add(self.chan, self._read_channel)
+        self.loop.add(self.handle.exit_fd, self._on_exit)
 
     def send(self, message: Message, fds: tuple[int, ...] = ()) -> bool:
         """Send a frame, `fds` attached to its first byte; False when the child is gone."""
@@ -135,15 +142,20 @@ class ChildProcess:
         return self._send_raw(encode_frame(message), fds)
 
     def _send_raw(self, frame: bytes, fds: tuple[int, ...] = ()) -> bool:
+        # Bounded: a child that stops reading its channel must not hang our loop.
         try:
-            self.chan.setblocking(True)
+            self.chan.settimeout(SEND_WAIT)
             sent = socket.send_fds(self.chan, [frame], list(fds)) if fds else 0
             self.chan.sendall(frame[sent:])
             return True
+        except TimeoutError:
+            self._broke(f"did not read what the runner sent for {SEND_WAIT:g} s")
+            return False
         except OSError:
             return False
         finally:
-            self.chan.setblocking(False)
+            if self.chan.fileno() >= 0:
+                self.chan.setblocking(False)
 
     @property
     def running(self) -> bool:
@@ -197,14 +209,13 @@ class ChildProcess:
     def _broke(self, what: str) -> None:
         # Stop listening and kill now: a child that lies once is not read further.
         self.protocol_error = what
-        self.kill_tree()
+        if self.pid is not None:
+            self.kill_tree()
         self.loop.remove(self.chan)
         self.chan.close()
 
     def _on_exit(self) -> bool:
-        # Once the outcome is settled (pipes closed) the status is not needed: do not
-        # wait for the fork server to reap the child and tell us.
-        self.exit = self.handle.exit_info(timeout=5.0) if self.chan.fileno() >= 0 else GONE
+        self.exit = self.handle.read_exit()
         return False
 
     def drain(self) -> None:
@@ -218,28 +229,31 @@ class ChildProcess:
             self._flush_partial(stream)
 
     def kill_tree(self) -> None:
-        """SIGKILL the child's whole tree, remembering who, so `stop` can see them gone."""
-        self._killed.update(kill_tree(self.pid))
+        """SIGKILL the child's whole tree; the fork server reports its exit once all
+        of it is gone.
+
+        `left_behind` says whether the next task must wait for that report: the
+        tree had more than the child, or the child had already exited when we
+        looked (then what it left was reparented to the fork server, out of our
+        sight). A child alive after the look had all its descendants below it.
+        """
+        members = descendants(self.pid)
+        exited = _readable(self.handle.pidfd) if self.handle.pidfd >= 0 else True
+        kill_tree(self.pid, members)
+        self.left_behind = self.left_behind or bool(members) or exited
+
+    def await_exit(self, timeout: float = 5.0) -> None:
+        """Run the loop until the fork server says the child's tree is gone."""
+        end = time.monotonic() + timeout
+        while self.running and time.monotonic() < end:
+            self.loop.poll(end - time.monotonic())
 
     def stop(self, timeout: float = 5.0) -> None:
         """Kill its tree and wait until all of it is gone (nothing outlives us), then close."""
         self.kill_tree()
-        end = time.monotonic() + timeout
-        while self.running and time.monotonic() < end:
-            self.loop.poll(end - time.monotonic())
-        self.await_descendants(max(0.0, end - time.monotonic()))
+        self.await_exit(timeout)
         self.drain()
         self.close()
-
-    def await_descendants(self, timeout: float = 5.0) -> None:
-        """Wait until the descendants we killed are gone (the child itself may still be
-        exiting: a SIGKILLed process runs no more code)."""
-        # Descendants reparented to the fork server may still be tearing down, and a
-        # fork bomb's last children may have joined the group after our snapshot.
-        if self._killed:
-            self._killed.update(group_members(self.pid))
-            wait_gone(self._killed, timeout)
-            self._killed.clear()
 
     def close_io(self) -> None:
         """Close pipes and channel; the pidfd stays watched until the process is gone."""
@@ -253,7 +267,7 @@ class ChildProcess:
 
     def close(self) -> None:
         self.close_io()
-        self.loop.remove(self.handle.pidfd)
+        self.loop.remove(self.handle.exit_fd)
         self.handle.close()
 
 

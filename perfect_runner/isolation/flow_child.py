@@ -19,8 +19,8 @@ from ..sdk import runtime
 from ..sdk.errors import TaskFailed
 from ..sdk.registry import TaskDefinition, get_registry
 from ..sdk.units import format_limit, format_size, is_decimal
-from .child_bootstrap import apply_setup
 from .payload import PayloadError, Pickled, Received, pickled, recv_payload, send_payload
+from .process_setup import apply_setup
 from .protocol import (
     NAME_MAX,
     NOTE_MAX,

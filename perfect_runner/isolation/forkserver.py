@@ -18,10 +18,19 @@ answers that spawn and nothing else:
                        later {"op": "exited", "status": raw, "maxrss": bytes}
                        or {"op": "spawn_failed", "error": "..."}
 
-The server is a child subreaper: grandchildren that double-fork out of a task
-are reparented here, reaped here, and never escape to init. It dies with the
-control process (parent-death signal) and kills every child it started when
-the control socket closes.
+With the sandbox (see `sandbox`), the process started by the control
+process unshares a PID and mount namespace and forks init, which is the fork
+server proper: every flow and task process lives and dies in its namespace,
+and when init dies the kernel kills all of it. The outer process is a stub
+that waits for init and ends the way it ended.
+
+Either way the server is the one owner of its children's lifetime: it is
+their parent (init, or a child subreaper), so grandchildren that double-fork
+out of a task are reparented here and killed here; it reports a child's
+"exited" once nothing that child left behind is running, without blocking.
+It dies with the control process, and kills everything below it when the
+control socket closes. Without the sandbox, the control process's death is a
+signal it catches, to kill everything below it until nothing is left.
 """
 
 from __future__ import annotations
@@ -34,29 +43,45 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
+from typing import NoReturn
 
-from .child_bootstrap import EXIT_BOOTSTRAP, ChildConfig, become_child, preload_roles
+from . import sandbox
+from .child_bootstrap import ChildConfig, become_child, preload_roles
 from .loader import ModuleLoadError, describe, load_modules
-from .oskit import become_subreaper, close_quietly, die_with_parent, drain_pipe, signal_group
-from .proctree import direct_children, kill_tree, wait_gone
+from .oskit import become_subreaper, close_quietly, die_with_parent, drain_pipe
+from .proctree import direct_children, kill_all_below, kill_tree
+from .protocol import EXIT_BOOTSTRAP
 
 MAX_PACKET = 65536
-ORPHAN_WAIT = 2.0  # seconds; a SIGKILLed process is gone in far less
+ORPHAN_WAIT = 2.0  # seconds an exit report waits at most for orphans to be gone
+# Without the sandbox, the control process's death is a signal we catch (not SIGKILL):
+# we then kill everything below us before we go.
+PARENT_DEATH_SIGNAL = signal.SIGTERM
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     die_with_parent(args.parent_pid)
     become_subreaper()
+    probe = sandbox.Probe(args.sandbox, args.sandbox_fail)  # runs while we import
     sys.path[:0] = [p for p in json.loads(args.sys_path) if p not in sys.path]
+    try:
+        load_modules(json.loads(args.modules))
+    except ModuleLoadError as exc:
+        _report_failure(args.meta_fd, str(exc))
+    choice = probe.choice()
+    if args.sandbox == "namespace" and choice.mode != "namespace":
+        _report_failure(args.meta_fd, f"--sandbox namespace is not possible here: {choice.why}; "
+                        "use --sandbox auto to fall back to plain processes")
+    if choice.mode == "namespace":
+        _enter_sandbox(args)  # from here on we are init, PID 1 of the namespace
+    else:
+        _guard_without_sandbox(args.parent_pid)
     with os.fdopen(args.meta_fd, "w", encoding="utf-8") as meta:
-        try:
-            load_modules(json.loads(args.modules))
-            json.dump({"ok": True, **describe()}, meta)
-        except ModuleLoadError as exc:
-            json.dump({"ok": False, "error": str(exc)}, meta)
-            return 3
+        json.dump({"ok": True, "sandbox": {"mode": choice.mode, "why": choice.why},
+                   **describe()}, meta)
     control = socket.socket(fileno=args.control_fd)
     if args.exec_children:
         _flush_std()
@@ -71,6 +96,52 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _enter_sandbox(args: argparse.Namespace) -> None:
+    """Unshare, fork init and return in it; this process stays outside as its stub.
+
+    The stub only waits: it dies with the control process (parent-death signal),
+    and init dies with the stub, taking the whole namespace with it. When init
+    ends, the stub ends the same way, so the control process sees how.
+    """
+    try:
+        sandbox.enter_namespace()
+        init = os.fork()
+    except (sandbox.SandboxError, OSError) as exc:
+        _report_failure(args.meta_fd, f"could not enter the sandbox: {exc}")
+    if init == 0:
+        try:
+            sandbox.become_init()
+        except sandbox.SandboxError as exc:
+            _report_failure(args.meta_fd, f"could not set up the sandbox: {exc}")
+        return
+    for fd in (args.meta_fd, args.control_fd):
+        os.close(fd)  # init holds them: their EOF must mean init is gone
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _, status = os.waitpid(init, 0)
+    if os.WIFSIGNALED(status):
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        os.kill(os.getpid(), os.WTERMSIG(status))
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def _report_failure(meta_fd: int, error: str) -> NoReturn:
+    with os.fdopen(meta_fd, "w", encoding="utf-8") as meta:
+        json.dump({"ok": False, "error": error}, meta)
+    os._exit(3)
+
+
+def _guard_without_sandbox(parent_pid: int) -> None:
+    """Without the namespace: a subreaper that, when the control process dies, kills
+    everything below it until nothing is left, so no setsid daemon escapes to init."""
+    signal.signal(PARENT_DEATH_SIGNAL, lambda *_: _kill_everything_and_exit())
+    die_with_parent(parent_pid, PARENT_DEATH_SIGNAL)
+
+
+def _kill_everything_and_exit() -> NoReturn:
+    kill_all_below(os.getpid())
+    os._exit(128 + PARENT_DEATH_SIGNAL)
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="perfect_runner.isolation.forkserver")
     parser.add_argument("--modules", required=True)
@@ -78,6 +149,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--meta-fd", type=int, required=True)
     parser.add_argument("--control-fd", type=int, default=-1)
     parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--sandbox", choices=sandbox.MODES, default="off")
+    parser.add_argument("--sandbox-fail", default="", help="test only: fail the probe here")
     parser.add_argument("--exec-children", action="store_true",
                         help="start each child as a fresh interpreter (start method spawn)")
     return parser.parse_args(argv)
@@ -112,6 +185,8 @@ class ForkServer:
         self.control = control
         self.start_child = start_child
         self.children: dict[int, socket.socket] = {}  # pid -> its reply socket
+        self.orphans: list[int] = []  # left by dead children; killed, not yet reaped
+        self.exits: list[tuple[float, socket.socket, dict]] = []  # waiting for the orphans
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -124,9 +199,10 @@ class ForkServer:
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_sigchld)
         try:
             while True:
-                for key, _ in self.selector.select():
+                for key, _ in self.selector.select(self._next_deadline()):
                     if key.data() is False:
                         return
+                self._report_exits()
         finally:
             self._kill_children()
 
@@ -186,33 +262,52 @@ class ForkServer:
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
-                return True
+                break
             if pid == 0:
-                return True
+                break
             reply = self.children.pop(pid, None)
             if reply is not None:
-                # Orphans first: once the control process hears "exited", nothing the
-                # child started may still be running.
-                self._kill_orphans()
-                _send(reply, {"op": "exited", "status": status, "maxrss": usage.ru_maxrss * 1024})
-                reply.close()
+                exited = {"op": "exited", "status": status, "maxrss": usage.ru_maxrss * 1024}
+                self.exits.append((time.monotonic() + ORPHAN_WAIT, reply, exited))
+        self._kill_orphans()
+        return True
 
     def _kill_orphans(self) -> None:
-        """Kill what a dead flow or task process left behind.
+        """Kill what dead flow and task processes left behind, without waiting.
 
         Every child of ours that we did not fork was reparented to us because
         the flow or task process above it died (they are subreapers, so nothing
         else reaches us): it belongs to a finished process and must not live on.
+        Each one's death wakes us again (SIGCHLD), until none is left.
         """
-        killed: list[int] = []
-        for pid in direct_children(os.getpid()):
-            if pid not in self.children:
-                killed += [pid, *kill_tree(pid)]
-        wait_gone(killed, ORPHAN_WAIT)
+        self.orphans = [pid for pid in direct_children(os.getpid()) if pid not in self.children]
+        for pid in self.orphans:
+            kill_tree(pid)
+
+    def _report_exits(self) -> None:
+        """Say "exited" once nothing a dead child left behind is running any more.
+
+        Orphans cannot be told apart by who left them, so every waiting exit goes
+        out when none is left (or after ORPHAN_WAIT, for one the kernel will not
+        let die): the control process hears of an exit when the whole tree is gone.
+        """
+        now = time.monotonic()
+        keep = []
+        for deadline, reply, exited in self.exits:
+            if not self.orphans or deadline <= now:
+                _send(reply, exited)
+                reply.close()
+            else:
+                keep.append((deadline, reply, exited))
+        self.exits = keep
+
+    def _next_deadline(self) -> float | None:
+        if not self.exits:
+            return None
+        return max(0.0, min(deadline for deadline, _, _ in self.exits) - time.monotonic())
 
     def _kill_children(self) -> None:
-        for pid in list(self.children):
-            signal_group(pid, signal.SIGKILL)
+        kill_all_below(os.getpid())
 
 
 def _send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> None:

@@ -37,6 +37,7 @@ from .launcher import (
     ServerProcess,
     how_it_ended,
 )
+from .sandbox import MODES
 
 log = logging.getLogger("perfect_runner.isolation")
 
@@ -61,19 +62,34 @@ class Backoff:
         return min(self.cap, self.first * 2 ** (self.quick_deaths - 2))
 
 
-def start_launcher(method: str, modules: list[str], env: dict[str, str]) -> HealingLauncher:
-    if method in START_METHODS:
-        return HealingLauncher(modules, env, exec_children=method == "spawn")
-    raise LaunchError(f"unknown start method {method!r}: use one of {', '.join(START_METHODS)}")
+def start_launcher(method: str, modules: list[str], env: dict[str, str],
+                   sandbox: str = "auto") -> HealingLauncher:
+    if method not in START_METHODS:
+        raise LaunchError(f"unknown start method {method!r}: use one of "
+                          f"{', '.join(START_METHODS)}")
+    if sandbox not in MODES:
+        raise LaunchError(f"unknown sandbox mode {sandbox!r}: use one of {', '.join(MODES)}")
+    return HealingLauncher(modules, env, exec_children=method == "spawn", sandbox=sandbox)
+
+
+FALLBACK_WARNING = (
+    "sandbox unavailable ({why}); tasks run as plain processes: they can see and signal "
+    "the worker's processes, a task running as root can read the worker's token, and only "
+    "the fork server's cleanup keeps a killed worker from leaving task processes behind. "
+    "Use --sandbox off to silence this, or see 'Security model' in the README")
 
 
 class HealingLauncher:
     """The Launcher of the executor: one fork server at a time, restarted when it dies."""
 
     def __init__(self, modules: list[str], env: dict[str, str],
-                 exec_children: bool = False) -> None:
-        self._start_server = functools.partial(ServerProcess, modules, env, exec_children)
+                 exec_children: bool = False, sandbox: str = "auto") -> None:
+        self._start_server = functools.partial(ServerProcess, modules, env, exec_children,
+                                               sandbox)
         server = self._start_server()  # a LaunchError here is the user's: modules do not load
+        self.sandbox = server.sandbox  # the mode the first server chose; said once
+        if self.sandbox.why:
+            log.warning(FALLBACK_WARNING.format(why=self.sandbox.why))
         self.metadata: dict[str, Any] = server.metadata
         self.down_reason = ""  # why no server is running, while none is
         self.restarts = 0

@@ -2,10 +2,12 @@
 
 Control-process side. `ServerProcess` is one running fork server (see
 `forkserver`): a request hands back a `PendingChild`, whose answer is a
-`ChildHandle`: its pid, a pidfd that becomes readable when the child exits
-(the supervisor waits on it, not on pipe EOF, which grandchildren can hold
-open), and the exit status. `healing.HealingLauncher` keeps one running and
-starts a new one when it dies.
+`ChildHandle`: its pid as numbered on our side (read from the pidfd the server
+hands over, since in the sandbox the server numbers its children in a PID
+namespace of its own), the pidfd, and a report socket that becomes readable
+once the child and everything it left behind are gone (watched by the loop,
+not pipe EOF, which grandchildren can hold open), carrying the exit status.
+`healing.HealingLauncher` keeps one running and starts a new one when it dies.
 
 Both start methods go through our own fork server, which stays the parent of
 every child: it reaps them, reports their exit status and kills what they
@@ -36,11 +38,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .child_bootstrap import ChildConfig
-from .oskit import close_quietly
+from .oskit import close_quietly, pid_of_pidfd
+from .sandbox import FAIL_ENV, Choice
 
 START_METHODS = ("forkserver", "spawn")
 MAX_REPLY = 4096
 DEATH_WAIT = 2.0  # seconds to learn how a server whose sockets closed has died
+SPAWN_WAIT = 10.0  # seconds a spawn request waits for the server's answer (a fork: ~1 ms)
 
 
 class LaunchError(Exception):
@@ -92,11 +96,15 @@ class ChildHandle(Protocol):
     pid: int
     pidfd: int
 
-    def exit_info(self, timeout: float) -> ExitInfo:
-        """The exit status, once the pidfd said the child is gone."""
+    @property
+    def exit_fd(self) -> int:
+        """Readable once the child and everything it left behind are gone."""
+
+    def read_exit(self) -> ExitInfo:
+        """How it ended, once `exit_fd` is readable; never blocks."""
 
     def close(self) -> None:
-        """Release the pidfd."""
+        """Release the pidfd and the report socket."""
 
 
 class Launcher(Protocol):
@@ -147,10 +155,11 @@ class ServerProcess:
     """One fork server: started with the flows modules loaded, or LaunchError."""
 
     def __init__(self, modules: list[str], env: dict[str, str],
-                 exec_children: bool = False) -> None:
+                 exec_children: bool = False, sandbox: str = "off") -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         meta_r, meta_w = os.pipe()
-        extra = ["--control-fd", str(child_end.fileno())]
+        extra = ["--control-fd", str(child_end.fileno()), "--sandbox", sandbox,
+                 "--sandbox-fail", os.environ.get(FAIL_ENV, "")]
         command = _server_command(modules, meta_w, extra + ["--exec-children"] * exec_children)
         self.proc = subprocess.Popen(
             command, pass_fds=(meta_w, child_end.fileno()), stdin=subprocess.DEVNULL,
@@ -168,6 +177,8 @@ class ServerProcess:
         except BaseException:
             self.control.close()
             raise
+        about = self.metadata.pop("sandbox")
+        self.sandbox = Choice(about["mode"], about["why"])
 
     def request(self, config: ChildConfig, fds: tuple[int, int, int]) -> PendingChild:
         """Ask for a child and return at once; `wait()` on the answer later."""
@@ -218,9 +229,13 @@ class PendingChild:
         self.reply = reply
         self.server = server
 
-    def wait(self) -> ChildHandle:
+    def wait(self, timeout: float = SPAWN_WAIT) -> ChildHandle:
+        self.reply.settimeout(timeout)
         try:
             data, pidfds, _, _ = socket.recv_fds(self.reply, MAX_REPLY, 1)
+        except TimeoutError:
+            self.reply.close()
+            raise LaunchError(f"the fork server did not answer within {timeout:.0f} s") from None
         except OSError:
             data, pidfds = b"", []
         if not data:
@@ -231,7 +246,9 @@ class PendingChild:
         if answer["op"] != "spawned" or not pidfds:
             self.reply.close()
             raise LaunchError(f"could not start a child process: {answer.get('error')}")
-        return _ForkedChild(answer["pid"], pidfds[0], self.reply, self.server)
+        # The server may number its children in a PID namespace of its own: the pidfd
+        # tells us the pid we can signal and find in our /proc.
+        return _ForkedChild(pid_of_pidfd(pidfds[0]), pidfds[0], self.reply, self.server)
 
     def cancel(self) -> None:
         self.reply.close()  # the server's answers go nowhere; it still reaps the child
@@ -245,13 +262,17 @@ class _ForkedChild:
         self.reply = reply
         self.server = server
 
-    def exit_info(self, timeout: float) -> ExitInfo:
-        """The fork server reaps the child and sends its status on the reply socket."""
-        self.reply.settimeout(timeout)
+    @property
+    def exit_fd(self) -> int:
+        return self.reply.fileno()
+
+    def read_exit(self) -> ExitInfo:
+        """The fork server's report, once `exit_fd` is readable: it has reaped the
+        child and nothing the child left behind runs any more."""
         try:
-            data = self.reply.recv(MAX_REPLY)
-        except TimeoutError:
-            return ExitInfo(None)  # the server lives but did not say: status unknown
+            data = self.reply.recv(MAX_REPLY, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return ExitInfo(None)  # woken for nothing: should not happen
         except OSError:
             data = b""
         if not data:

@@ -20,13 +20,14 @@ _prctl_fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulo
                       ctypes.c_ulong]
 
 
-def _prctl(option: int, value: int) -> bool:
+def prctl(option: int, value: int) -> bool:
+    """One prctl(2) call with a single argument; whether it succeeded."""
     return _prctl_fn(option, value, 0, 0, 0) == 0
 
 
 def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
     """Get `sig` when the parent dies; exit now if it already did."""
-    _prctl(PR_SET_PDEATHSIG, sig)
+    prctl(PR_SET_PDEATHSIG, sig)
     # The parent may have died between fork and prctl: then we were reparented.
     if os.getppid() != expected_parent:
         os._exit(1)
@@ -34,16 +35,18 @@ def die_with_parent(expected_parent: int, sig: int = signal.SIGKILL) -> None:
 
 def make_undumpable() -> bool:
     """Other processes of our user can no longer read our memory or /proc/<pid>/environ."""
-    return _prctl(PR_SET_DUMPABLE, 0)
+    return prctl(PR_SET_DUMPABLE, 0)
 
 
 def become_subreaper() -> bool:
     """Orphaned descendants get reparented to us instead of init, so none escape."""
-    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    return prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 def signal_process(pid: int, sig: int) -> bool:
     """Send `sig`; False when the process is already gone ("no such process")."""
+    if pid <= 1:
+        return False  # never everyone (-1), our own group (0) or init: a pid not known
     try:
         os.kill(pid, sig)
         return True
@@ -52,6 +55,8 @@ def signal_process(pid: int, sig: int) -> bool:
 
 
 def signal_group(pgid: int, sig: int) -> bool:
+    if pgid <= 1:
+        return False  # killpg(0) is our own group; a group not known is no one's
     try:
         os.killpg(pgid, sig)
         return True
@@ -107,3 +112,17 @@ def close_quietly(fd: int | None) -> None:
     except OSError as exc:
         if exc.errno != errno.EBADF:
             raise
+
+
+def pid_of_pidfd(pidfd: int) -> int:
+    """The pid a pidfd refers to, as numbered in our own PID namespace.
+
+    A fork server in its own namespace knows its children by the pids there; the
+    pidfd it hands over tells us the pid on our side (kernel 5.3+: "Pid:" in fdinfo).
+    -1 when the process is already gone (reaped): the signal helpers ignore it.
+    """
+    with open(f"/proc/self/fdinfo/{pidfd}") as handle:
+        for line in handle:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise OSError(f"fd {pidfd} is not a pidfd")

@@ -8,8 +8,8 @@ from enum import StrEnum
 from typing import Any
 
 from ..sdk.units import format_size
-from .child_bootstrap import EXIT_BOOTSTRAP, EXIT_CHANNEL_LOST
 from .launcher import ExitInfo
+from .protocol import EXIT_BOOTSTRAP, EXIT_CHANNEL_LOST
 from .tracebacks import MAX_TRACEBACK_CHARS
 
 INTERRUPTED_BY = "interrupted by "  # how an interrupted task's or run's note starts

@@ -60,9 +60,10 @@ def tree_usage(pid: int) -> tuple[int, int]:
     return sum(_rss(member) for member in members), len(members)
 
 
-def kill_tree(pid: int) -> list[int]:
-    """SIGKILL the process, its group, and every descendant; the descendants killed."""
-    members = descendants(pid)
+def kill_tree(pid: int, members: list[int] | None = None) -> list[int]:
+    """SIGKILL the process, its group, and every descendant (`members`, when the
+    caller has just listed them); the descendants killed."""
+    members = descendants(pid) if members is None else members
     signal_group(pid, signal.SIGKILL)
     signal_process(pid, signal.SIGKILL)
     for member in members:
@@ -72,20 +73,19 @@ def kill_tree(pid: int) -> list[int]:
     return members
 
 
-def group_members(pgid: int) -> list[int]:
-    """Processes still in a process group (a scan of /proc: use when a tree was killed)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+def kill_all_below(pid: int) -> None:
+    """SIGKILL every descendant of `pid`, which is us and a subreaper, until none remain.
+
+    Orphans are reparented to us before their parent can be reaped, so once we
+    have no child left, nothing is left below us: a setsid daemon tree included.
+    """
+    while True:
+        for member in descendants(pid):
+            signal_process(member, signal.SIGKILL)
         try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
 
 
 def wait_gone(pids: Iterable[int], timeout: float) -> list[int]:

@@ -114,6 +114,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import struct
 from collections.abc import Iterator
@@ -121,6 +122,13 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
 from .schema import Check, Choice, Flag, Integer, JsonObject, Number, Table, Text, describe
+
+# How a child ends and is signalled, known to both sides. Exit codes at or above
+# EXIT_BOOTSTRAP are the runner's own, so a task's os._exit(3) is told from them.
+EXIT_BOOTSTRAP = 120  # the runner's child code failed before or after the task
+EXIT_CHANNEL_LOST = 121  # the control process went away mid-conversation
+STACK_DUMP_SIGNAL = signal.SIGUSR1
+SOFT_STOP_SIGNAL = signal.SIGUSR2
 
 PREFIX = struct.Struct(">II")
 MAX_HEADER = 4 * 1024 * 1024
@@ -176,7 +184,7 @@ class RunTask(Message):
     index: int
     attempt: int = 1
     max_result: int = DEFAULT_MAX_BLOB
-    setup: dict[str, Any] = field(default_factory=dict)  # see child_bootstrap.ProcessSetup
+    setup: dict[str, Any] = field(default_factory=dict)  # see process_setup.ProcessSetup
 
 
 @dataclass
@@ -245,7 +253,7 @@ class StartFlow(Message):
     flow_name: str
     run_id: str
     max_result: int = DEFAULT_MAX_BLOB
-    setup: dict[str, Any] = field(default_factory=dict)  # see child_bootstrap.ProcessSetup
+    setup: dict[str, Any] = field(default_factory=dict)  # see process_setup.ProcessSetup
 
 
 @dataclass

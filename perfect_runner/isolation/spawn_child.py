@@ -10,8 +10,9 @@ import json
 import os
 import sys
 
-from .child_bootstrap import EXIT_BOOTSTRAP, ChildConfig, become_child, preload_roles
+from .child_bootstrap import ChildConfig, become_child, preload_roles
 from .loader import ModuleLoadError, load_modules
+from .protocol import EXIT_BOOTSTRAP
 
 
 def main() -> None:

@@ -30,13 +30,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..sdk.units import format_limit
-from .child_bootstrap import SOFT_STOP_SIGNAL, STACK_DUMP_SIGNAL, ChildConfig
+from .child_bootstrap import ChildConfig
 from .child_process import ChildProcess, OutputHandler
 from .launcher import Launcher, LaunchError
 from .oskit import signal_process
 from .outcome import Kind, Outcome
 from .proctree import tree_usage
-from .protocol import Progress, RunTask, TaskRaised, TaskReturned, TaskUnsendable
+from .protocol import (
+    SOFT_STOP_SIGNAL,
+    STACK_DUMP_SIGNAL,
+    Progress,
+    RunTask,
+    TaskRaised,
+    TaskReturned,
+    TaskUnsendable,
+)
 from .selector_loop import SelectorLoop
 from .tracebacks import StackDumpFilter
 

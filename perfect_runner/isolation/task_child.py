@@ -25,12 +25,13 @@ from ..sdk.errors import TaskTimeout
 from ..sdk.registry import TaskDefinition, get_registry
 from ..sdk.result import TaskResult
 from ..sdk.units import format_limit, format_size, is_decimal
-from .child_bootstrap import SOFT_STOP_SIGNAL, apply_setup
 from .payload import PayloadError, Pickled, pickled, recv_payload, send_payload
+from .process_setup import apply_setup
 from .protocol import (
     MAX_HEADER,
     NAME_MAX,
     NOTE_MAX,
+    SOFT_STOP_SIGNAL,
     TRACEBACK_MAX,
     Message,
     Progress,
