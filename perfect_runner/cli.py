@@ -12,6 +12,7 @@ from .executor.engine import FlowExecutor
 from .isolation.launcher import LaunchError
 from .isolation.oskit import make_undumpable
 from .local.interrupt import exit_code
+from .sdk.result import TaskState
 from .textsafe import CleanFormatter, clean_text
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -76,7 +77,7 @@ def _dispatch(args, executor: FlowExecutor) -> int:
                                       max_log_bytes=args.max_log_bytes)
         if signum is not None:
             return exit_code(signum)
-        return EXIT_OK if all(r.state == "COMPLETED" for r in records) else EXIT_FAILED
+        return EXIT_OK if all(r.state == TaskState.COMPLETED for r in records) else EXIT_FAILED
     from .worker import serve
 
     return serve(args, executor, names)

@@ -32,6 +32,7 @@ from .executor.records import RunRecord, TaskRecord
 from .isolation.oskit import raise_open_files
 from .isolation.outcome import Kind
 from .local.logfile import LogFileListener
+from .sdk.result import TaskState
 from .textsafe import clean_text
 from .transport.api import ApiError, BadRequest, ExecutionRequest, PerfectAPIClient
 from .transport.backend_listener import BackendListener
@@ -53,7 +54,7 @@ class WorkerLog(NullListener):
         log.info("run %s: flow %r started", run.run_id, run.flow_name)
 
     def task_finished(self, run: RunRecord, task: TaskRecord) -> None:
-        level = logging.INFO if task.state == "COMPLETED" else logging.WARNING
+        level = logging.INFO if task.state == TaskState.COMPLETED else logging.WARNING
         log.log(level, "run %s: task #%d %s %s%s", run.run_id, task.index, task.name,
                 task.state, f": {task.note}" if task.note else "")
 
@@ -355,7 +356,7 @@ def _run_named(worker: Worker, names: list[str]) -> int:
         url = f"{worker.args.server.rstrip('/')}{report['url']}" if report.get("url") else "-"
         print(f"{clean_text(name)}: run {clean_text(run_id)} {record.state}  report: "
               f"{clean_text(url)}")
-        ok = ok and delivered and record.state == "COMPLETED"
+        ok = ok and delivered and record.state == TaskState.COMPLETED
     return 0 if ok else 1
 
 

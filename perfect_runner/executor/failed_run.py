@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 
+from ..sdk.result import TaskState
 from .events import GuardedListener, RunListener
 from .records import RunRecord, TaskRecord
 
@@ -25,12 +26,12 @@ def report_failed_run(listener: RunListener, flow_name: str, note: str,
                     started_at=now)
     guarded.run_started(run)
     guarded.runner_log(run, note, "error")
-    task = TaskRecord(index=0, name="flow", state="RUNNING", started_at=now)
+    task = TaskRecord(index=0, name="flow", state=TaskState.RUNNING, started_at=now)
     run.tasks.append(task)
     guarded.task_started(run, task)
-    task.state, task.note, task.passed, task.duration_ms = "FAILED", note, False, 0
+    task.state, task.note, task.passed, task.duration_ms = TaskState.FAILED, note, False, 0
     task.ended_at = time.time()
     guarded.task_finished(run, task)
-    run.state, run.note, run.ended_at = "FAILED", note, time.time()
+    run.state, run.note, run.ended_at = TaskState.FAILED, note, time.time()
     guarded.run_finished(run)
     return run

@@ -50,6 +50,7 @@ from ..isolation.protocol import (
 from ..isolation.selector_loop import SelectorLoop
 from ..isolation.supervisor import TaskSupervisor
 from ..isolation.tracebacks import StackDumpFilter
+from ..sdk.result import TaskState
 from .events import GuardedListener, RunListener
 from .options import RunOptions
 from .payload_path import ChannelAhead, PayloadPair, await_receipt, with_receipt
@@ -218,7 +219,7 @@ class FlowRun:
             description=meta.get("description", ""),
             estimated_time=int(meta.get("estimated_time") or 1000),
             crucial_pass=bool(meta.get("crucial_pass", True)),
-            state="RUNNING", started_at=time.time(),
+            state=TaskState.RUNNING, started_at=time.time(),
         )
         self.run.tasks.append(task)
         return task
@@ -235,13 +236,14 @@ class FlowRun:
             outcome = self._attempt(task, call, meta, attempt, started, flow, pair)
             if outcome.passed or attempt > retries or self.cancel_reason() or flow.over:
                 return outcome
-            task.state, task.note = "RETRYING", f"attempt {attempt} failed: {outcome.note()}"
+            task.state = TaskState.RETRYING
+            task.note = f"attempt {attempt} failed: {outcome.note()}"
             self.listener.task_retrying(self.run, task)
             self.log(f"Task '{task.name}' will be retried: {task.note}", "warning")
             self._pause(delay)
             if self.cancel_reason():
                 return outcome  # stopped while waiting: the retry never starts
-            task.state = "RUNNING"
+            task.state = TaskState.RUNNING
         return outcome
 
     def _attempt(self, task: TaskRecord, call: CallTask, meta: dict[str, Any], attempt: int,
@@ -291,7 +293,8 @@ class FlowRun:
             if receipt:
                 outcome = with_receipt(outcome, receipt, call.name)
         span.ended_at, span.note = time.time(), outcome.note()
-        span.state = shown_state("COMPLETED" if outcome.passed else "FAILED", span.note)
+        ended = TaskState.COMPLETED if outcome.passed else TaskState.FAILED
+        span.state = shown_state(ended, span.note)
         task.traceback = outcome.traceback
         # A stack dump is on the task's stderr already; a raised exception's traceback
         # is only in its final frame.
@@ -333,7 +336,7 @@ class FlowRun:
         task.traceback = "" if outcome.passed else outcome.traceback
         task.table = outcome.table
         task.passed = outcome.passed
-        task.state = "COMPLETED" if outcome.passed else "FAILED"
+        task.state = TaskState.COMPLETED if outcome.passed else TaskState.FAILED
         task.progress = 100 if outcome.passed else task.progress
         if self._cancelled_here():
             return  # the backend no longer wants this run: report nothing more
@@ -407,7 +410,7 @@ class FlowRun:
         if self._crucial_failed:
             self.log(f"Flow failed: {note}", "error")  # its task already told the rest
             return
-        task = TaskRecord(index=len(self.run.tasks), name=FLOW_TASK_NAME, state="RUNNING",
+        task = TaskRecord(index=len(self.run.tasks), name=FLOW_TASK_NAME, state=TaskState.RUNNING,
                           started_at=time.time(), crucial_pass=True)
         self.run.tasks.append(task)
         self.listener.task_started(self.run, task)
@@ -425,7 +428,7 @@ class FlowRun:
                 self._cancel = (Kind.RUNNER_FAULT, note)
         self._kill_everything()
         for task in self.run.tasks:
-            if task.state in ("RUNNING", "RETRYING"):
+            if task.state in (TaskState.RUNNING, TaskState.RETRYING):
                 self._record_outcome(task, Outcome(Kind.RUNNER_FAULT, detail=note))
         self._fail_flow(note)
 
@@ -450,16 +453,17 @@ class FlowRun:
     def _settle(self) -> None:
         """The run's final state, and the runner's last line about it."""
         self.run.ended_at = time.time()
-        failed = any(t.state == "FAILED" and t.crucial_pass for t in self.run.tasks)
-        self.run.state = "FAILED" if failed or self._cancel else "COMPLETED"
+        failed = any(t.state == TaskState.FAILED and t.crucial_pass for t in self.run.tasks)
+        self.run.state = TaskState.FAILED if failed or self._cancel else TaskState.COMPLETED
         self.run.not_run = self._not_run()
         duration = self.run.ended_at - (self.run.started_at or self.run.ended_at)
         if not self._cancelled_here():
-            verdict = "finished" if self.run.state == "COMPLETED" else "FAILED"
+            verdict = "finished" if self.run.state == TaskState.COMPLETED else "FAILED"
             if self.run.note.startswith(INTERRUPTED_BY):
                 verdict = "interrupted"
+            level = "info" if self.run.state == TaskState.COMPLETED else "error"
             self.log(f"Flow {verdict}: {self.run.flow_name} ({len(self.run.tasks)} tasks, "
-                     f"{duration:.1f} s)", "info" if self.run.state == "COMPLETED" else "error")
+                     f"{duration:.1f} s)", level)
 
     def _announce_end(self) -> None:
         # Past this point the run's state is final: a listener failing now can only be

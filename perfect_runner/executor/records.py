@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..isolation.outcome import INTERRUPTED_BY
+from ..sdk.result import TaskState
 
 NOT_RUN = "NOT RUN"
 OUTPUT_TAIL_LINES = 20
@@ -26,7 +27,7 @@ class AttemptSpan:
     attempt: int
     started_at: float
     ended_at: float | None = None
-    state: str = "RUNNING"
+    state: str = TaskState.RUNNING  # or shown_state's INTERRUPTED once it ended
     note: str = ""
 
 
@@ -39,7 +40,7 @@ class TaskRecord:
     description: str = ""
     estimated_time: int = 1000
     crucial_pass: bool = True
-    state: str = "PENDING"
+    state: TaskState = TaskState.PENDING
     note: str = ""
     traceback: str = ""  # trimmed, user frames first; chained causes kept
     table: list[dict[str, Any]] = field(default_factory=list)
@@ -62,7 +63,7 @@ class TaskRecord:
 
     def result_dict(self) -> dict[str, Any]:
         """The `result` object of the backend's state update."""
-        passed = self.state == "COMPLETED" if self.passed is None else self.passed
+        passed = self.state == TaskState.COMPLETED if self.passed is None else self.passed
         return {"passed": passed, "note": self.note, "table": self.table}
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,7 +80,7 @@ class RunRecord:
     tags: dict[str, str] = field(default_factory=dict)
     # The flow's tasks as read from its source (each named once, in call order).
     declared_tasks: list[str] = field(default_factory=list)
-    state: str = "RUNNING"
+    state: TaskState = TaskState.RUNNING
     note: str = ""
     tasks: list[TaskRecord] = field(default_factory=list)
     started_at: float | None = None
@@ -111,7 +112,7 @@ def not_run_names(declared: Iterable[str], called: Iterable[str]) -> list[str]:
 def shown_state(state: str, note: str) -> str:
     """A task's state as a person should read it: a task stopped by Ctrl-C or SIGTERM is
     FAILED for the record and the backend, but it is not the task's fault."""
-    if state == "FAILED" and note.startswith(INTERRUPTED_BY):
+    if state == TaskState.FAILED and note.startswith(INTERRUPTED_BY):
         return "INTERRUPTED"
     return state
 
@@ -126,5 +127,5 @@ def tally(states: Iterable[str], not_run: int = 0) -> dict[str, int]:
     return counts
 
 
-_TALLY_KEYS = {"COMPLETED": "passed", "FAILED": "failed", NOT_RUN: "not run",
+_TALLY_KEYS = {TaskState.COMPLETED: "passed", TaskState.FAILED: "failed", NOT_RUN: "not run",
                "NOT_RUN": "not run"}

@@ -15,14 +15,15 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from ..sdk.result import TaskState
 from ..textsafe import clean_lines, clean_text
 
 STATE_COLORS = {
-    "COMPLETED": "#1a7f37",
-    "FAILED": "#cf222e",
-    "RUNNING": "#0969da",
-    "RETRYING": "#bf8700",
-    "PENDING": "#6e7781",
+    TaskState.COMPLETED: "#1a7f37",
+    TaskState.FAILED: "#cf222e",
+    TaskState.RUNNING: "#0969da",
+    TaskState.RETRYING: "#bf8700",
+    TaskState.PENDING: "#6e7781",
     "INTERRUPTED": "#8250df",
     "NOT RUN": "#8c959f",
     "NOT_RUN": "#8c959f",

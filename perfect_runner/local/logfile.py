@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..executor.events import NullListener
 from ..executor.records import RunRecord, TaskRecord
+from ..sdk.result import TaskState
 from ..textsafe import safe_file_stem
 from .bounded_file import BoundedLogFile
 from .report_html import format_bytes
@@ -121,7 +122,7 @@ class LogFileListener(NullListener):
         self._event(run, f"{_source(task)} retrying: {task.note}", level="WARN")
 
     def task_finished(self, run: RunRecord, task: TaskRecord) -> None:
-        level = "INFO" if task.state == "COMPLETED" else "ERROR"
+        level = "INFO" if task.state == TaskState.COMPLETED else "ERROR"
         peak = f" (peak memory {format_bytes(task.peak_rss)})" if task.peak_rss else ""
         note = f": {task.note}" if task.note else ""
         took = _seconds(task.duration_ms)
@@ -129,7 +130,7 @@ class LogFileListener(NullListener):
         self._flush(run)
 
     def run_finished(self, run: RunRecord) -> None:
-        level = "INFO" if run.state == "COMPLETED" else "ERROR"
+        level = "INFO" if run.state == TaskState.COMPLETED else "ERROR"
         self._event(run, f"run {run.run_id} {run.state}{': ' + run.note if run.note else ''}",
                     level=level)
         with self._lock:

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..executor.records import NOT_RUN, RunRecord, not_run_names, shown_state, tally
 from ..jsonsafe import json_safe
+from ..sdk.result import TaskState
 from ..textsafe import safe_file_stem
 from .html_kit import badge, block, color, is_number, page, text, write_atomic
 from .report_format import (  # noqa: F401  (re-exported)
@@ -158,7 +159,7 @@ def run_reason(run: dict[str, Any]) -> str:
     """Why a run failed: its own note, else the first failed crucial task's."""
     if run.get("note"):
         return str(run["note"])
-    if str(run.get("state", "")).upper() == "COMPLETED":
+    if str(run.get("state", "")).upper() == TaskState.COMPLETED:
         return ""
     for task in run.get("tasks") or []:
         if isinstance(task, dict) and _is_failed(task) and task.get("crucial_pass", True):
@@ -169,7 +170,7 @@ def run_reason(run: dict[str, Any]) -> str:
 
 def _counts_html(calls: list[_Row], not_run: list[_Row]) -> str:
     counts = tally((task.get("state", "") for _, task in calls), len(not_run))
-    colors = {"passed": "COMPLETED", "failed": "FAILED", "not run": NOT_RUN}
+    colors = {"passed": TaskState.COMPLETED, "failed": TaskState.FAILED, "not run": NOT_RUN}
     cards = "".join(
         f'<div class="count" style="--c:{color(colors.get(label, label))}">'
         f"<strong>{number}</strong>{text(label)}</div>"
@@ -227,7 +228,7 @@ def _task_row(anchor: str, task: dict[str, Any]) -> str:
 
 def _task_section_html(anchor: str, task: dict[str, Any], run: dict[str, Any]) -> str:
     # Where a failed or interrupted task was is worth seeing without a click.
-    failed = str(task.get("state", "")).upper() in {"FAILED", "INTERRUPTED"}
+    failed = str(task.get("state", "")).upper() in {TaskState.FAILED, "INTERRUPTED"}
     facts = [
         ("Duration", text(format_duration(task.get("duration_ms")))),
         ("Peak memory", text(format_bytes(task.get("peak_rss")))),
@@ -289,7 +290,7 @@ def _output_html(tail: list[Any], open_it: bool) -> str:
 
 def _not_run_section_html(anchor: str, task: dict[str, Any], run: dict[str, Any]) -> str:
     why = ("the run failed before the flow body called it"
-           if str(run.get("state", "")).upper() != "COMPLETED"
+           if str(run.get("state", "")).upper() != TaskState.COMPLETED
            else "the flow body did not call it in this run")
     return (f'<section class="task" id="{text(anchor)}" style="--c:{color(NOT_RUN)}">'
             f"<h3>{text(task['name'])} {badge(NOT_RUN)}</h3>"
@@ -316,7 +317,7 @@ def _ms_between(start: Any, end: Any) -> float | None:
 
 
 def _is_failed(task: dict[str, Any]) -> bool:
-    return str(task.get("state", "")).upper() == "FAILED"
+    return str(task.get("state", "")).upper() == TaskState.FAILED
 
 
 def _crucial_mark(task: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..sdk.result import TaskState
 from .html_kit import RETRIED_COLOR, color, is_number, text
 from .report_format import format_bytes, format_duration
 
@@ -141,7 +142,7 @@ def _bars(y: float, name: str, spans: list[tuple[Any, Any, str, str, int]],
         parts.append(f'<line x1="{x1:.1f}" y1="{y + ROW_H / 2:.1f}" x2="{x2:.1f}" '
                      f'y2="{y + ROW_H / 2:.1f}" stroke="#8c959f" stroke-dasharray="3 2"/>')
     for number, (start, end, state, note, attempt) in enumerate(spans, 1):
-        retried = number < len(spans) and state.upper() == "FAILED"
+        retried = number < len(spans) and state.upper() == TaskState.FAILED
         fill = RETRIED_COLOR if retried else color(state)
         x = x_of(start)
         width = max(x_of(end) - x, 2.0)
@@ -165,9 +166,9 @@ def _memory(y: float, mid: float, rss: Any, peak: float) -> str:
 
 
 def _legend(y: float) -> str:
-    items = [("passed", color("COMPLETED")), ("failed", color("FAILED")),
+    items = [("passed", color(TaskState.COMPLETED)), ("failed", color(TaskState.FAILED)),
              ("failed, retried", RETRIED_COLOR), ("interrupted", color("INTERRUPTED")),
-             ("running", color("RUNNING")), ("not run", color("NOT RUN")),
+             ("running", color(TaskState.RUNNING)), ("not run", color("NOT RUN")),
              ("peak memory", "#54aeff")]
     parts, x = [], 4
     for label, fill in items:

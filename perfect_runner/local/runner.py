@@ -11,6 +11,7 @@ from ..executor.events import FanOut, RunListener
 from ..executor.failed_run import report_failed_run
 from ..executor.records import RunRecord
 from ..fault_injection import fault_point
+from ..sdk.result import TaskState
 from ..textsafe import clean_block, clean_text
 from .interrupt import Interruption
 from .logfile import LogFileListener
@@ -92,7 +93,7 @@ def _write_reports(record: RunRecord, reports_dir: str) -> str:
         return f"report: {html}  record: {json_path}"
     except Exception as exc:  # noqa: BLE001 - the next runs still go on
         log.exception("could not write the report of run %s", record.run_id)
-        record.state = "FAILED"
+        record.state = TaskState.FAILED
         record.note = (f"the runner failed while writing this run's report: "
                        f"{type(exc).__name__}: {exc}")
     try:

@@ -37,6 +37,7 @@ from typing import Any, TextIO
 
 from ..executor.events import NullListener
 from ..executor.records import RunRecord, TaskRecord, shown_state, tally
+from ..sdk.result import TaskState
 from ..textsafe import clean_lines, clean_text
 from .report_html import cell_text, format_bytes, format_duration, table_columns
 
@@ -54,8 +55,9 @@ BAR_WIDTH = 20
 # A notice is for the person at the terminal (e.g. "Ctrl-C: stopping").
 DEFAULT_RUNNER_LEVELS = ("notice", "error", "critical")
 
-_COLORS = {"COMPLETED": "32", "FAILED": "31", "RUNNING": "36", "RETRYING": "33", "PENDING": "2"}
-_FINISHED = {"COMPLETED", "FAILED"}
+_COLORS = {TaskState.COMPLETED: "32", TaskState.FAILED: "31", TaskState.RUNNING: "36",
+           TaskState.RETRYING: "33", TaskState.PENDING: "2"}
+_FINISHED = {TaskState.COMPLETED, TaskState.FAILED}
 
 
 def _last_frames(lines: list[str]) -> list[str]:
@@ -229,7 +231,7 @@ class TerminalView(NullListener):
             self._report_held([(run.run_id, task.index)])
             self._gate.forget((run.run_id, task.index))
             # Live, the block shows completions; a failure's note is worth keeping above it.
-            if not self.live or task.state != "COMPLETED":
+            if not self.live or task.state != TaskState.COMPLETED:
                 head = (f"{self._run_tag(run)}<-- {self._label(task)} {task.state} "
                         f"in {format_duration(task.duration_ms)}")
                 self._add(self._with_note(head, task.note))
@@ -377,7 +379,8 @@ def block_lines(runs: list[RunRecord], width: int, color: bool = False) -> list[
 
 
 def _task_window(tasks: list[TaskRecord], width: int, color: bool) -> list[str]:
-    first_pending = next((i for i, t in enumerate(tasks) if t.state == "PENDING"), len(tasks))
+    pending = (i for i, t in enumerate(tasks) if t.state == TaskState.PENDING)
+    first_pending = next(pending, len(tasks))
     end = min(len(tasks), first_pending + 2)
     start = max(0, end - MAX_BLOCK_TASKS)
     lines = [f"  ... {start} earlier tasks"] if start else []
@@ -388,11 +391,11 @@ def _task_window(tasks: list[TaskRecord], width: int, color: bool) -> list[str]:
 
 
 def _task_line(task: TaskRecord, width: int, color: bool) -> str:
-    progress = 100 if task.state == "COMPLETED" else max(0, min(int(task.progress), 99))
+    progress = 100 if task.state == TaskState.COMPLETED else max(0, min(int(task.progress), 99))
     filled = progress * BAR_WIDTH // 100
     bar = "#" * filled + "-" * (BAR_WIDTH - filled)
     duration = task.duration_ms
-    if duration is None and task.state not in _FINISHED | {"PENDING"}:
+    if duration is None and task.state not in _FINISHED | {TaskState.PENDING}:
         duration = _elapsed_ms(task.started_at, None)
     head = f"  #{task.index:<3} {_clip(clean_text(task.name), 28):<28} "
     tail = f" [{bar}] {progress:>3}%  {format_duration(duration) if duration else ''}"
@@ -446,7 +449,7 @@ def _shown_state(task: TaskRecord) -> str:
 
 def traceback_lines(run: RunRecord) -> list[str]:
     """The failed tasks' tracebacks, after the table (as pytest's short summary)."""
-    failed = [task for task in run.tasks if task.state == "FAILED" and task.traceback]
+    failed = [task for task in run.tasks if task.state == TaskState.FAILED and task.traceback]
     lines = ["Tracebacks of failed tasks:"] if failed else []
     for task in failed:
         lines.append(f"  ____ #{task.index} {clean_text(task.name)} ____")

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..executor.events import NullListener
 from ..executor.records import RunRecord, TaskRecord
+from ..sdk.result import TaskState
 from .api import PerfectAPIClient, as_int
 from .sender import RunSender
 
@@ -115,7 +116,7 @@ class BackendListener(NullListener):
         if sender is not None:
             payload = {
                 **_task_fields(task),
-                "state": "RETRYING",
+                "state": TaskState.RETRYING,
                 "progress": _pct(task.progress),
                 "result": task.result_dict(),
             }
@@ -125,11 +126,11 @@ class BackendListener(NullListener):
         sender = self.sender(run.run_id)
         if sender is None:
             return
-        state = "COMPLETED" if task.state == "COMPLETED" else "FAILED"
+        state = TaskState.COMPLETED if task.state == TaskState.COMPLETED else TaskState.FAILED
         payload: dict[str, Any] = {
             **_task_fields(task),
             "state": state,
-            "progress": 100 if state == "COMPLETED" else _pct(task.progress),
+            "progress": 100 if state == TaskState.COMPLETED else _pct(task.progress),
             "result": task.result_dict(),
         }
         if task.duration_ms is not None:

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from ..executor.records import RunRecord
+from ..sdk.result import TaskState
 from .api import PerfectAPIClient
 
 log = logging.getLogger("perfect_runner.worker")
@@ -63,7 +64,7 @@ class FlowLibrary:
 
     def learn(self, run: RunRecord) -> None:
         """Remember the calls of a run that got to its end."""
-        if run.state != "COMPLETED" or not run.tasks:
+        if run.state != TaskState.COMPLETED or not run.tasks:
             return
         calls = [{"name": t.name, "description": t.description,
                   "estimatedTime": int(t.estimated_time), "crucialPass": bool(t.crucial_pass)}

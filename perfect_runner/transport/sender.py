@@ -54,13 +54,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..fault_injection import fault_point
+from ..sdk.result import TaskState
 from .api import ApiResult, ApiStatus, PerfectAPIClient
 from .backlog import Entry, LogBacklog, clip_line
 from .pacing import Pace, ProgressGate
 
 log = logging.getLogger("perfect_runner.transport")
 
-STATES = frozenset({"PENDING", "RUNNING", "COMPLETED", "FAILED", "RETRYING"})
+STATES = frozenset(TaskState)
 _LOG, _STATE, _COMPLETE = "log", "state", "complete"
 _EXIT = -1.0  # _choose's wait value: nothing more will ever come
 
@@ -177,7 +178,7 @@ class RunSender:
 
         `first` marks the task's start: never throttled or dropped.
         """
-        payload = {**payload, "state": "RUNNING"}
+        payload = {**payload, "state": TaskState.RUNNING}
         with self._cond:
             if not self._accepts_state():
                 return
@@ -201,8 +202,10 @@ class RunSender:
             if not self._accepts_state():
                 return
             self._progress.superseded(task_index)
-            self._new_state(_STATE, task_index=task_index, payload={**payload, "state": state})
-            if state == "FAILED" and payload.get("crucialPass") is not False:
+            # The wire carries the plain string; TaskState is a str enum, so it is the same.
+            self._new_state(_STATE, task_index=task_index,
+                            payload={**payload, "state": TaskState(state)})
+            if state == TaskState.FAILED and payload.get("crucialPass") is not False:
                 self._no_more_states = True
 
     def complete(self, task_count: int) -> None:
@@ -489,7 +492,7 @@ class RunSender:
 
     def _handle(self, item: _Item, result: ApiResult) -> None:
         if result.ok:
-            if item.kind == _STATE and item.payload.get("state") == "RUNNING":
+            if item.kind == _STATE and item.payload.get("state") == TaskState.RUNNING:
                 with self._cond:
                     self._progress.sent(item.task_index, time.monotonic())
             return
@@ -504,7 +507,7 @@ class RunSender:
     def _not_found(self, item: _Item) -> None:
         state = item.payload.get("state") if item.kind == _STATE else None
         dropped = self._stop()
-        if state in ("RUNNING", "RETRYING"):
+        if state in (TaskState.RUNNING, TaskState.RETRYING):
             log.warning("run %s: backend answered 404 to task %d's %s update: the run is no "
                         "longer wanted (stopped in the UI or failed by the heartbeat watchdog); "
                         "%d pending updates dropped", self.run_id, item.task_index, state, dropped)
