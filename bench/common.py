@@ -237,6 +237,7 @@ def open_fds() -> int:
 
 
 def mib(n: float) -> float:
+    """A number for a table column headed "MiB" (text goes through units.format_size)."""
     return n / (1 << 20)
 
 

@@ -32,6 +32,7 @@ from perfect_runner.executor.engine import FlowExecutor
 from perfect_runner.executor.events import NullListener
 from perfect_runner.executor.options import RunOptions
 from perfect_runner.executor.records import RunRecord, TaskRecord
+from perfect_runner.sdk.units import format_size
 
 MARKER = "HEALTHY-MARKER"
 
@@ -325,7 +326,7 @@ def main(quick: bool = False) -> list[Row]:
         Row("faults", "run state / processes left", "COMPLETED / 0",
             f"{record.state} / {len(left)}", record.state == "COMPLETED" and not left),
         Row("faults", "control RSS start -> end", "-",
-            f"{mib(rss_start):.1f} -> {mib(rss_end):.1f} MiB", None),
+            f"{format_size(rss_start)} -> {format_size(rss_end)}", None),
     ]
     return rows + parent_rows
 

@@ -16,6 +16,8 @@ import sys
 import common
 from common import NoopFlows, Row, mib, open_fds, print_table, rss_bytes
 
+from perfect_runner.sdk.units import format_size
+
 
 def _sample() -> tuple[int, int]:
     gc.collect()
@@ -49,11 +51,11 @@ def main(quick: bool = False) -> list[Row]:
     after_first = table[-1][2] - first_rss
     fd_growth = table[-1][4] - idle_fds
     return [
-        Row("7 footprint", "control RSS idle", "-", f"{mib(idle_rss):.1f} MiB", None),
+        Row("7 footprint", "control RSS idle", "-", format_size(idle_rss), None),
         Row("7 footprint", f"RSS growth idle -> after {total} tasks", "<= 5 MB",
-            f"{growth:.2f} MiB", growth * (1 << 20) <= 5e6),
+            format_size(int(growth * (1 << 20))), growth * (1 << 20) <= 5e6),
         Row("7 footprint", "RSS growth after first run -> end", "-",
-            f"{after_first:.2f} MiB", None),
+            format_size(int(after_first * (1 << 20))), None),
         Row("7 footprint", "open fds idle -> after", "no growth",
             f"{idle_fds} -> {table[-1][4]} ({fd_growth:+d})", fd_growth <= 0),
         Row("7 footprint", "open fds after executor.close()", "-", str(end_fds), None),

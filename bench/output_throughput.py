@@ -30,6 +30,7 @@ from common import FlowExecutor, Row, Stats, execute, mib, print_table, rss_byte
 
 from perfect_runner.executor.events import NullListener
 from perfect_runner.local.logfile import LogFileListener
+from perfect_runner.sdk.units import format_size
 
 FLOWS = '''
 import os
@@ -181,7 +182,7 @@ def main(quick: bool = False) -> list[Row]:
         Row("3 output", "lines/s into the log file (median)", ">= 500,000",
             f"{rate.median:,.0f}", rate.median >= 500_000),
         Row("3 output", "control RSS growth during it (max)", "<= 50 MB",
-            f"{mib(growth):.1f} MiB", growth <= 50e6),
+            format_size(growth), growth <= 50e6),
     ]
 
 

@@ -71,7 +71,7 @@ def test_log_file_holds_every_line_in_order_with_markers(tmp_path: Path) -> None
     assert re.match(TIMESTAMP + " #0 task_0 OUT line 1000$", output[1000])
     assert any(line.endswith(" runner INFO  flow started") for line in text)
     assert any(line.endswith(" flow OUT from the flow body") for line in text)
-    assert "#0 task_0 COMPLETED in 1.500 s (peak memory 50.0 MiB)" in text[-2]
+    assert "#0 task_0 COMPLETED in 1.500 s (peak memory 50 MiB)" in text[-2]
     assert text[-1].endswith("run run-abc123 COMPLETED")
 
 
@@ -84,7 +84,7 @@ def test_log_file_is_flushed_when_a_task_finishes(tmp_path: Path) -> None:
 
     text = Path(run.log_path).read_text(encoding="utf-8")
     assert "written before the task finished" in text
-    finished = "runner ERROR #0 task_0 FAILED in 1.500 s (peak memory 50.0 MiB): crashed\n"
+    finished = "runner ERROR #0 task_0 FAILED in 1.500 s (peak memory 50 MiB): crashed\n"
     assert finished + "    Traceback line\n" in text
     listener.run_finished(run)
 
@@ -127,7 +127,7 @@ def test_html_escapes_untrusted_text_and_shows_every_task() -> None:
         assert f">{name}</a>" in page
     assert "COMPLETED" in page and "FAILED" in page and "PENDING" in page
     assert "crashed with signal 11 (SIGSEGV)" in page
-    assert "50.0 MiB" in page and "1.5 s" in page and "1 min 05 s" in page
+    assert "50 MiB" in page and "1.5 s" in page and "1 min 05 s" in page
     # union of keys as columns; nested values as compact JSON
     assert "<th>metric</th><th>value</th>" in page and "<th>breakdown</th>" in page
     assert "{&quot;north&quot;:1,&quot;&lt;b&gt;&quot;:[1,2]}" in page
@@ -189,7 +189,7 @@ def test_plain_view_prints_one_line_per_event_and_a_summary() -> None:
         "==> Daily Sales ETL: run run-abc123 FAILED in 3.0 s",
         "    2 task calls: 1 passed, 1 failed, 0 not run",
         "    #  task    state      duration  peak mem  note",
-        "    0  task_0  COMPLETED  1.5 s     48.0 MiB  Extracted 1000 rows",
+        "    0  task_0  COMPLETED  1.5 s     48 MiB    Extracted 1000 rows",
         "    1  task_1  FAILED     1.5 s     -         timed out after 1 s",
         "Results:",
         "    #0 task_0",

@@ -133,3 +133,15 @@ def test_parse_size_rejects(value) -> None:
 def test_format_size() -> None:
     assert [format_size(v) for v in (None, 512, 1536, 50 * 1024**2, 3 * 1024**4)] == [
         "-", "512 B", "1.5 KiB", "50 MiB", "3072 GiB"]
+
+
+def test_format_size_keeps_the_sign_of_a_shrinking_size() -> None:
+    assert [format_size(v) for v in (-512, -1536, -50 * 1024**2)] == [
+        "-512 B", "-1.5 KiB", "-50 MiB"]
+
+
+def test_report_sizes_use_the_same_formatter_as_the_notes() -> None:
+    from perfect_runner.local.report_format import format_bytes
+    sizes = (0, 512, 1536, 50 * 1024**2, 231 * 1024**2 + 5, 3 * 1024**4)
+    assert [format_bytes(v) for v in sizes] == [format_size(v) for v in sizes]
+    assert [format_bytes(v) for v in (None, "12", -1, float("nan"), True)] == ["-"] * 5

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from ..jsonsafe import json_safe
+from ..sdk.units import format_size
 from .html_kit import is_number as _is_number
 
 
@@ -46,14 +47,11 @@ def format_duration(duration_ms: Any) -> str:
 
 
 def format_bytes(size: Any) -> str:
-    """'512 B', '1.5 KiB', '231.0 MiB'; '-' when unknown."""
+    """A size read from a record (any JSON value) as the notes show sizes: '512 B',
+    '1.5 KiB', '231 MiB'; '-' when unknown."""
     if not _is_number(size) or not math.isfinite(size) or size < 0:
         return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
+    return format_size(int(size))
 
 
 def format_time(epoch: Any) -> str:

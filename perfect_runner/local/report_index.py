@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..executor.records import shown_state, tally
+from ..sdk.units import format_size
 from .html_kit import badge, is_number, page, text, write_atomic
 from .report_format import format_duration, format_time
 from .report_html import INDEX_NAME, record_not_run, run_reason
@@ -49,7 +50,7 @@ def _read_record(path: Path) -> tuple[dict[str, Any] | None, str]:
     """The run record in `path`, or None and why it is not one."""
     try:
         if path.stat().st_size > MAX_RECORD_BYTES:
-            return None, f"larger than {MAX_RECORD_BYTES >> 20} MiB"
+            return None, f"larger than {format_size(MAX_RECORD_BYTES)}"
         data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
     except OSError as exc:
         return None, f"cannot be read: {exc.strerror or exc}"

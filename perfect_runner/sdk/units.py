@@ -35,9 +35,12 @@ def parse_size(value: int | float | str | None) -> int | None:
 
 
 def format_size(size: int | None, decimal: bool = False) -> str:
-    """"512 MiB" for display; "512 MB" (powers of 1000) when `decimal`."""
+    """"512 MiB" for display; "512 MB" (powers of 1000) when `decimal`; a negative
+    size (a shrinking RSS) keeps its sign: "-1.5 MiB"."""
     if size is None:
         return "-"
+    if size < 0:
+        return "-" + format_size(-size, decimal)
     step, units = (1000, _DECIMAL) if decimal else (1024, _BINARY)
     value = float(size)
     for unit in units:
