@@ -203,3 +203,31 @@ def test_the_worker_registers_nothing_when_a_name_would_be_refused(fake, tmp_pat
         stop_worker(worker)
     assert "is 300 characters long (at most 256)" in worker_output(tmp_path)
     assert fake.flows == [] and fake.requests_to("/api/flows") == []
+
+
+# --- the flows description the fork server sends ------------------------------------
+
+
+def test_a_flows_module_that_garbles_the_description_is_refused_in_one_line(
+        tmp_path: Path) -> None:
+    """The description comes from the child that imported user code: a module that
+    rewrites the loader's output gets one line naming the bad field, no traceback."""
+    path = write(tmp_path / "garbles.py", '''
+        from perfect_runner.sdk.registry import TaskDefinition
+
+        _options = TaskDefinition.options
+        TaskDefinition.options = lambda self: {**_options(self), "crucial_pass": "yes"}
+
+        @task
+        def step():
+            return TaskResult(passed=True)
+
+        @flow("Garbled")
+        def garbled():
+            step()
+        ''')
+    for args in (("--list",), ("--run-all",)):
+        line = usage_error(cli(tmp_path, "--flows", str(path), *args))
+        assert "described them wrongly" in line, line
+        assert "'crucial_pass' is 'yes', not true or false" in line, line
+    assert not (tmp_path / "reports").exists()

@@ -169,7 +169,7 @@ def test_dynamic_indexes_count_every_call(write_flows, run_flow) -> None:
         pids.add(line.rsplit(" ", 1)[1])
     assert len(pids) == 4  # a fresh process per call
     # The static task list (from the AST) names each task once, in call order.
-    assert [t["name"] for t in ran.executor.flow_tasks("loop")] == ["step", "total"]
+    assert [t.name for t in ran.executor.flow_tasks("loop")] == ["step", "total"]
 
 
 RETRY = """

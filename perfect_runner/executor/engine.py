@@ -1,19 +1,20 @@
 """The executor's entry point: load the flows (in a child), start runs of them.
 
-`FlowExecutor` owns the launcher (fork server or spawn) and the flows' metadata
-as JSON. It is shared by local mode and the worker; each run gets its own
-`FlowRun` on the caller's thread.
+`FlowExecutor` owns the launcher (fork server or spawn) and the flows' metadata,
+parsed once by the launcher into `isolation.metadata`'s dataclasses. It is shared
+by local mode and the worker; each run gets its own `FlowRun` on the caller's thread.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
+from collections.abc import Mapping
 
 from ..fault_injection import fault_point
 from ..isolation.healing import start_launcher
 from ..isolation.launcher import Launcher
+from ..isolation.metadata import FlowMeta, Metadata, TaskMeta
 from .events import RunListener
 from .flow_run import FlowRun
 from .options import RunOptions
@@ -28,13 +29,13 @@ class FlowExecutor:
         self.launcher: Launcher = start_launcher(start_method, modules,
                                                  dict(os.environ if env is None else env),
                                                  sandbox)
-        self.flows: dict[str, dict[str, Any]] = {
-            f["name"]: f for f in self.launcher.metadata["flows"]}
-        self.tasks: dict[str, dict[str, Any]] = self.launcher.metadata["tasks"]
+        self.metadata: Metadata = self.launcher.metadata
+        self.flows: Mapping[str, FlowMeta] = self.metadata.flows
+        self.tasks: Mapping[str, TaskMeta] = self.metadata.tasks
 
-    def flow_tasks(self, flow_name: str) -> list[dict[str, Any]]:
+    def flow_tasks(self, flow_name: str) -> list[TaskMeta]:
         """The flow's tasks in call order, as read from its source."""
-        return [self.tasks[key] for key in self.flows[flow_name]["tasks"] if key in self.tasks]
+        return self.metadata.flow_tasks(flow_name)
 
     def new_run(self, flow_name: str, listener: RunListener, run_id: str | None = None) -> FlowRun:
         run_id = run_id or f"local-{uuid.uuid4().hex[:8]}"
@@ -42,8 +43,8 @@ class FlowExecutor:
         flow = self.flows[flow_name]
         record = RunRecord(
             run_id=run_id, flow_name=flow_name,
-            description=flow.get("description", ""), tags=dict(flow.get("tags") or {}),
-            declared_tasks=[task["name"] for task in self.flow_tasks(flow_name)],
+            description=flow.description, tags=dict(flow.tags),
+            declared_tasks=[task.name for task in self.flow_tasks(flow_name)],
         )
         return FlowRun(record, flow, self.tasks, self.launcher, listener, self.options)
 

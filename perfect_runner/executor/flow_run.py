@@ -29,6 +29,7 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from ..fault_injection import fault_point
 from ..isolation.child_bootstrap import ChildConfig
 from ..isolation.child_process import ChildProcess
 from ..isolation.launcher import ExitInfo, Launcher, LaunchError
+from ..isolation.metadata import FlowMeta, TaskMeta
 from ..isolation.outcome import INTERRUPTED_BY, Kind, Outcome, describe_signal
 from ..isolation.protocol import (
     NOTE_MAX,
@@ -64,7 +66,7 @@ log = logging.getLogger("perfect_runner.executor")
 
 
 class FlowRun:
-    def __init__(self, run: RunRecord, flow_meta: dict[str, Any], tasks_meta: dict[str, Any],
+    def __init__(self, run: RunRecord, flow_meta: FlowMeta, tasks_meta: Mapping[str, TaskMeta],
                  launcher: Launcher, listener: RunListener, options: RunOptions) -> None:
         self.run = run
         self.flow_meta = flow_meta
@@ -83,10 +85,7 @@ class FlowRun:
         self._crucial_failed = False
         self._announced = False
         self._deadline = None
-        if flow_meta.get("timeout"):
-            self._flow_timeout = float(flow_meta["timeout"])
-        else:
-            self._flow_timeout = None
+        self._flow_timeout = float(flow_meta.timeout) if flow_meta.timeout else None
 
     # --- other threads ----------------------------------------------------
 
@@ -213,12 +212,13 @@ class FlowRun:
         return self._reply(task, outcome)
 
     def _new_task(self, call: CallTask) -> TaskRecord:
-        meta = self.tasks_meta.get(call.key, {})
+        # A task the flow process did not describe at start gets the defaults.
+        meta = self.tasks_meta.get(call.key) or TaskMeta(key=call.key, name=call.name)
         task = TaskRecord(
             index=len(self.run.tasks), name=call.name,
-            description=meta.get("description", ""),
-            estimated_time=int(meta.get("estimated_time") or 1000),
-            crucial_pass=bool(meta.get("crucial_pass", True)),
+            description=meta.description,
+            estimated_time=meta.estimated_time or 1000,
+            crucial_pass=meta.crucial_pass,
             state=TaskState.RUNNING, started_at=time.time(),
         )
         self.run.tasks.append(task)
@@ -226,9 +226,9 @@ class FlowRun:
 
     def _attempts(self, task: TaskRecord, call: CallTask, flow: ChildProcess,
                   first: PayloadPair | None) -> Outcome:
-        meta = self.tasks_meta.get(call.key, {})
-        retries = _option(meta, "retries", self.options.retries)
-        delay = _option(meta, "retry_delay", self.options.retry_delay)
+        meta = self.tasks_meta.get(call.key)
+        retries = _option(meta and meta.retries, self.options.retries)
+        delay = _option(meta and meta.retry_delay, self.options.retry_delay)
         started = time.monotonic()
         for attempt in range(1, retries + 2):
             task.attempts = attempt
@@ -246,7 +246,7 @@ class FlowRun:
             task.state = TaskState.RUNNING
         return outcome
 
-    def _attempt(self, task: TaskRecord, call: CallTask, meta: dict[str, Any], attempt: int,
+    def _attempt(self, task: TaskRecord, call: CallTask, meta: TaskMeta | None, attempt: int,
                  started: float, flow: ChildProcess, channel: PayloadPair) -> Outcome:
         limits = task_limits(meta, self.options)
         def stop_reason() -> tuple[Kind, str] | None:
@@ -477,10 +477,8 @@ class FlowRun:
         """The flow's declared tasks (in call order) that no call ran."""
         called = Counter(task.name for task in self.run.tasks)
         missing = []
-        for key in self.flow_meta.get("tasks", []):
-            name = self.tasks_meta.get(key, {}).get("name")
-            if name is None:
-                continue
+        for key in self.flow_meta.tasks:
+            name = self.tasks_meta[key].name
             if called[name] > 0:
                 called[name] -= 1
             else:
@@ -530,7 +528,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
-def _option(meta: dict[str, Any], name: str, default: Any) -> Any:
+def _option(value: Any, default: Any) -> Any:
     """A task's own option when it set one (0 included), else the worker-wide default."""
-    value = meta.get(name)
     return default if value is None else value

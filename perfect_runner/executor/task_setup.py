@@ -12,16 +12,18 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from ..isolation.metadata import TaskMeta
 from ..isolation.process_setup import ProcessSetup
 from ..isolation.supervisor import TaskLimits
 from .options import RunOptions
 
 
-def task_limits(meta: dict[str, Any], options: RunOptions) -> TaskLimits:
-    timeout = meta.get("timeout")
+def task_limits(meta: TaskMeta | None, options: RunOptions) -> TaskLimits:
+    """`meta` is None for a task the flow process did not describe at start."""
+    timeout = meta.timeout if meta else None
     return TaskLimits(
         timeout=timeout if timeout is not None else options.task_timeout,
-        memory_limit=meta.get("memory_limit") or options.memory_limit,
+        memory_limit=(meta.memory_limit if meta else None) or options.memory_limit,
         max_procs=options.max_procs,
         kill_grace=options.kill_grace,
         max_result=options.max_result,

@@ -26,7 +26,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from .child_bootstrap import ChildConfig
 from .launcher import (
@@ -37,6 +36,7 @@ from .launcher import (
     ServerProcess,
     how_it_ended,
 )
+from .metadata import Metadata
 from .sandbox import MODES
 
 log = logging.getLogger("perfect_runner.isolation")
@@ -90,7 +90,7 @@ class HealingLauncher:
         self.sandbox = server.sandbox  # the mode the first server chose; said once
         if self.sandbox.why:
             log.warning(FALLBACK_WARNING.format(why=self.sandbox.why))
-        self.metadata: dict[str, Any] = server.metadata
+        self.metadata: Metadata = server.metadata
         self.down_reason = ""  # why no server is running, while none is
         self.restarts = 0
         self._server: ServerProcess | None = server

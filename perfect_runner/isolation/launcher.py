@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .child_bootstrap import ChildConfig
+from .metadata import Metadata, MetadataError, parse_metadata
 from .oskit import close_quietly, pid_of_pidfd
 from .sandbox import FAIL_ENV, Choice
 
@@ -108,7 +109,7 @@ class ChildHandle(Protocol):
 
 
 class Launcher(Protocol):
-    metadata: dict[str, Any]
+    metadata: Metadata
 
     @property
     def server_pid(self) -> int | None:
@@ -173,11 +174,17 @@ class ServerProcess:
         self.how = ""  # how it ended, once `dead` is set
         self._send_lock = threading.Lock()
         try:
-            self.metadata = _read_metadata(meta_r, self.proc)
+            data = _read_metadata(meta_r, self.proc)
+            about = data.pop("sandbox")
+            self.metadata = parse_metadata(data)
+        except MetadataError as exc:
+            self.control.close()  # the fork server exits at EOF
+            raise LaunchError("the process loading the flows modules described them "
+                              f"wrongly ({exc}); check for a flows module that changes "
+                              "perfect_runner's own modules") from None
         except BaseException:
             self.control.close()
             raise
-        about = self.metadata.pop("sandbox")
         self.sandbox = Choice(about["mode"], about["why"])
 
     def request(self, config: ChildConfig, fds: tuple[int, int, int]) -> PendingChild:

@@ -25,14 +25,13 @@ log = logging.getLogger("perfect_runner.local")
 def list_flows(executor: FlowExecutor, out: TextIO = sys.stdout) -> None:
     # Names, tags and descriptions come from user code: cleaned before they are shown.
     for name, flow in executor.flows.items():
-        tags = ", ".join(f"{k}={v}" for k, v in (flow.get("tags") or {}).items())
+        tags = ", ".join(f"{k}={v}" for k, v in flow.tags.items())
         out.write(clean_text(name) + (f"  [{clean_text(tags)}]" if tags else "") + "\n")
-        if flow.get("description"):
-            out.write(f"    {clean_block(flow['description'], '    ')}\n")
+        if flow.description:
+            out.write(f"    {clean_block(flow.description, '    ')}\n")
         for task in executor.flow_tasks(name):
-            crucial = "" if task["crucial_pass"] else "  (non-crucial)"
-            out.write(f"    - {clean_text(task['name'])}  ~{task['estimated_time']} ms"
-                      f"{crucial}\n")
+            crucial = "" if task.crucial_pass else "  (non-crucial)"
+            out.write(f"    - {clean_text(task.name)}  ~{task.estimated_time} ms{crucial}\n")
 
 
 def run_locally(executor: FlowExecutor, flow_names: list[str], log_dir: str, reports_dir: str,

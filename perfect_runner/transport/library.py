@@ -21,9 +21,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from ..executor.records import RunRecord
+from ..isolation.metadata import FlowMeta, TaskMeta
 from ..sdk.result import TaskState
 from .api import PerfectAPIClient
 
@@ -40,8 +42,8 @@ def not_served_note(flow_name: str) -> str:
 class FlowLibrary:
     """The worker's flows as the backend should see them."""
 
-    def __init__(self, flows: dict[str, dict[str, Any]],
-                 static_tasks: dict[str, list[dict[str, Any]]],
+    def __init__(self, flows: Mapping[str, FlowMeta],
+                 static_tasks: Mapping[str, list[TaskMeta]],
                  check_interval: float = 30.0) -> None:
         self.flows = flows
         self.check_interval = check_interval
@@ -57,9 +59,9 @@ class FlowLibrary:
         with self._lock:
             tasks = [dict(t) for t in self._tasks.get(name, [])]
         return {
-            "name": name, "description": flow.get("description", ""),
-            "tags": flow.get("tags") or {}, "tasks": tasks, "autoTrigger": False,
-            "autoTriggerConfig": flow.get("auto_trigger_config") or "development",
+            "name": name, "description": flow.description,
+            "tags": dict(flow.tags), "tasks": tasks, "autoTrigger": False,
+            "autoTriggerConfig": flow.auto_trigger_config,
         }
 
     def learn(self, run: RunRecord) -> None:
@@ -98,6 +100,6 @@ class FlowLibrary:
         return new
 
 
-def _from_source(task: dict[str, Any]) -> dict[str, Any]:
-    return {"name": task["name"], "description": task.get("description", ""),
-            "estimatedTime": task["estimated_time"], "crucialPass": task["crucial_pass"]}
+def _from_source(task: TaskMeta) -> dict[str, Any]:
+    return {"name": task.name, "description": task.description,
+            "estimatedTime": task.estimated_time, "crucialPass": task.crucial_pass}
