@@ -24,21 +24,17 @@ never the exception.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
-import traceback
-from collections import Counter
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from ..fault_injection import fault_point
 from ..isolation.child_bootstrap import ChildConfig
 from ..isolation.child_process import ChildProcess
-from ..isolation.launcher import ExitInfo, Launcher, LaunchError
+from ..isolation.launcher import Launcher, LaunchError
 from ..isolation.metadata import FlowMeta, TaskMeta
-from ..isolation.outcome import INTERRUPTED_BY, Kind, Outcome, describe_signal
+from ..isolation.outcome import INTERRUPTED_BY, Kind, Outcome
 from ..isolation.protocol import (
     NOTE_MAX,
     CallTask,
@@ -54,9 +50,10 @@ from ..isolation.supervisor import TaskSupervisor
 from ..isolation.tracebacks import StackDumpFilter
 from ..sdk.result import TaskState
 from .events import GuardedListener, RunListener
+from .flow_end import describe_exception, flow_death_note, flow_lost
 from .options import RunOptions
 from .payload_path import ChannelAhead, PayloadPair, await_receipt, with_receipt
-from .records import AttemptSpan, RunRecord, TaskRecord, shown_state
+from .records import AttemptSpan, RunRecord, TaskRecord, not_run_calls, shown_state
 from .spare import WarmSpare
 from .task_setup import process_setup, task_limits, task_workdir
 
@@ -253,7 +250,7 @@ class FlowRun:
             # A flow process that broke the protocol is dead: nobody waits for this task.
             if flow.protocol_error:
                 return Kind.CANCELLED, "the flow process broke the runner protocol"
-            return self.cancel_reason() or _flow_lost(flow)
+            return self.cancel_reason() or flow_lost(flow)
 
         def tick(reported: float | None) -> None:
             elapsed_ms = (time.monotonic() - started) * 1000
@@ -376,20 +373,7 @@ class FlowRun:
             self._fail_flow(f"flow process sent an unexpected {message.TYPE} frame")
 
     def _flow_died(self, flow: ChildProcess) -> None:
-        info = flow.exit
-        if flow.protocol_error:
-            why = f"flow process broke the runner protocol: {flow.protocol_error}"
-        elif info and info.server_died:
-            why = (f"the fork server died ({info.server_died}); the flow process and its "
-                   "task processes died with it")
-        elif info and info.signal:
-            why = f"flow process killed by {_signal_words(info.signal)} before the flow finished"
-        else:
-            code = info.code if info else None
-            why = f"flow process exited with code {code} before the flow finished"
-        if flow.stderr_tail:
-            why += "; last stderr: " + " | ".join(list(flow.stderr_tail)[-3:])
-        self._fail_flow(why)
+        self._fail_flow(flow_death_note(flow))
 
     def _on_cancelled(self) -> None:
         kind, reason = self._cancel or (Kind.CANCELLED, "")
@@ -420,7 +404,7 @@ class FlowRun:
 
     def _contain(self, exc: Exception) -> None:
         """Something broke while handling this run: it alone fails, its processes die."""
-        note = f"the runner failed while handling this run: {_describe(exc)}"
+        note = f"the runner failed while handling this run: {describe_exception(exc)}"
         log.error("run %s: %s", self.run.run_id, note, exc_info=exc)
         self.listener.tripped = True  # from now on the end of the run must get through
         with self._lock:
@@ -455,7 +439,8 @@ class FlowRun:
         self.run.ended_at = time.time()
         failed = any(t.state == TaskState.FAILED and t.crucial_pass for t in self.run.tasks)
         self.run.state = TaskState.FAILED if failed or self._cancel else TaskState.COMPLETED
-        self.run.not_run = self._not_run()
+        self.run.not_run = not_run_calls(self.run.declared_tasks,
+                                         (task.name for task in self.run.tasks))
         duration = self.run.ended_at - (self.run.started_at or self.run.ended_at)
         if not self._cancelled_here():
             verdict = "finished" if self.run.state == TaskState.COMPLETED else "FAILED"
@@ -473,18 +458,6 @@ class FlowRun:
         except Exception:  # noqa: BLE001
             log.exception("run %s: a listener failed at the end of the run", self.run.run_id)
 
-    def _not_run(self) -> list[str]:
-        """The flow's declared tasks (in call order) that no call ran."""
-        called = Counter(task.name for task in self.run.tasks)
-        missing = []
-        for key in self.flow_meta.tasks:
-            name = self.tasks_meta[key].name
-            if called[name] > 0:
-                called[name] -= 1
-            else:
-                missing.append(name)
-        return missing
-
     # --- helpers ----------------------------------------------------------
 
     def _cancelled_here(self) -> bool:
@@ -499,33 +472,6 @@ class FlowRun:
             lines = self._flow_dumps.feed(lines)  # a crash dump of the flow process
         if lines:
             self.listener.task_output(self.run, None, stream, lines)
-
-
-def _flow_lost(flow: ChildProcess) -> tuple[Kind, str] | None:
-    """Why a task must stop because its flow process is gone; None while it runs."""
-    if flow.running:
-        return None
-    info = flow.exit or ExitInfo(None)
-    if info.server_died:
-        return Kind.FLOW_LOST, f"the fork server died ({info.server_died})"
-    how = (f"killed by {_signal_words(info.signal)}" if info.signal
-           else f"exited with code {info.code}")
-    return Kind.FLOW_LOST, f"the flow process is gone ({how})"
-
-
-def _signal_words(signum: int) -> str:
-    """"SIGKILL" for a kill, "SIGSEGV (segmentation fault)" for a crash."""
-    return "SIGKILL" if signum == signal.SIGKILL else describe_signal(signum)
-
-
-def _describe(exc: BaseException) -> str:
-    """What broke and where: "KeyError: 'x' (in flow_run.py:120 _call_task)"."""
-    origin = exc.__cause__ or exc
-    frames = [f for f in traceback.extract_tb(origin.__traceback__)
-              if not f.filename.endswith("fault_injection.py")]
-    where = f" (in {Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name})" \
-        if frames else ""
-    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def _option(value: Any, default: Any) -> Any:

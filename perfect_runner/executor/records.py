@@ -7,6 +7,7 @@ record in local mode.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -107,6 +108,19 @@ def not_run_names(declared: Iterable[str], called: Iterable[str]) -> list[str]:
     branch, an interrupted run), in declared order."""
     seen = set(called)
     return [name for name in declared if name not in seen]
+
+
+def not_run_calls(declared: Iterable[str], called: Iterable[str]) -> list[str]:
+    """The declared tasks (in call order) that no call ran, counted per declaration:
+    two declared tasks sharing a name need two calls of that name."""
+    left = Counter(called)
+    missing = []
+    for name in declared:
+        if left[name] > 0:
+            left[name] -= 1
+        else:
+            missing.append(name)
+    return missing
 
 
 def shown_state(state: str, note: str) -> str:
