@@ -54,7 +54,7 @@ from .flow_end import describe_exception, flow_death_note, flow_lost
 from .options import RunOptions
 from .payload_path import ChannelAhead, PayloadPair, await_receipt, with_receipt
 from .records import AttemptSpan, RunRecord, TaskRecord, not_run_calls, shown_state
-from .spare import WarmSpare
+from .spare import SparePool
 from .task_setup import process_setup, task_limits, task_workdir
 
 FLOW_TASK_NAME = "flow"
@@ -74,7 +74,7 @@ class FlowRun:
         self._flow: ChildProcess | None = None
         self._ahead = ChannelAhead()  # the next call's first payload channel
         self.loop = SelectorLoop()
-        self.spare = WarmSpare(launcher, self.loop, options.max_result)
+        self.spares = SparePool(launcher, self.loop, options.max_result)
         self._retiring: list[ChildProcess] = []
         self._flow_dumps = StackDumpFilter(options.full_tracebacks)
         self._cancel: tuple[Kind, str] | None = None
@@ -153,12 +153,12 @@ class FlowRun:
             return
         self._ahead.sent()
         self._flow = flow
-        self.spare.prepare()  # while the flow process imports and starts its body
+        self.spares.prepare()  # while the flow process imports and starts its body
         try:
             self._serve(flow)
         finally:
             self._ahead.drop()
-            self.spare.discard()
+            self.spares.discard()
             flow.stop()
             self._flow = None
             self._await_retired()  # nothing the run started outlives it
@@ -277,10 +277,10 @@ class FlowRun:
             )
             def on_sent() -> None:
                 channel.task_has_it(flow, attempt)
-                self.spare.prepare()
+                self.spares.prepare()
 
             try:
-                outcome = supervisor.run(request, channel.task_end.fileno(), self.spare.take(),
+                outcome = supervisor.run(request, channel.task_end.fileno(), self.spares.take(),
                                          on_sent)
             finally:
                 channel.close()
@@ -418,7 +418,7 @@ class FlowRun:
 
     def _kill_everything(self) -> None:
         """Whatever the unwinding left: spare, flow process, retired task processes."""
-        for step in (self.spare.discard, self._stop_flow, self._await_retired):
+        for step in (self.spares.discard, self._stop_flow, self._await_retired):
             try:
                 step()
             except Exception:  # noqa: BLE001 - the next step must still run

@@ -1,15 +1,23 @@
-"""A task process started ahead of the next task call.
+"""Task processes started ahead of the next task calls.
 
 Starting a task process (a request to the fork server, a fork, the child's
-bootstrap) is most of a task call's overhead. A run keeps one spare, already
-bootstrapped and waiting for its RunTask, and starts the next one while the
-current task runs, so a task call does not wait for a fork. The spare learns
-its environment, limits and user from the RunTask, so one spare fits any task.
+bootstrap) is most of a task call's overhead. A run keeps spares, already
+bootstrapped and waiting for their RunTask, and starts the next ones while the
+current task runs, so a task call does not wait for a fork. A spare learns its
+environment, limits and user from the RunTask, so one spare fits any task of
+its run, and it serves no other: the spares are the run's and die with it.
+
+How many: as many as measured demand calls for, within `MAX_SPARES`. A call
+that finds no spare whose fork server answer has come (the fork was not done
+in time) raises the count by one; `CALM_CALLS` calls in a row that found one
+lower it again, down to one.
 """
 
 from __future__ import annotations
 
 import logging
+import select
+from collections import deque
 
 from ..isolation.child_process import ChildProcess
 from ..isolation.launcher import Launcher, LaunchError
@@ -18,31 +26,62 @@ from ..isolation.supervisor import start_task_process
 
 log = logging.getLogger("perfect_runner.executor")
 
+# Each waiting spare is a forked interpreter sharing the fork server's pages:
+# a few hundred KiB of its own. Three keep a call from waiting for a fork on a
+# loaded machine; more only hold memory.
+MAX_SPARES = 3
+CALM_CALLS = 50
 
-class WarmSpare:
-    def __init__(self, launcher: Launcher, loop: SelectorLoop, max_result: int) -> None:
+
+class SparePool:
+    def __init__(self, launcher: Launcher, loop: SelectorLoop, max_result: int,
+                 limit: int = MAX_SPARES) -> None:
         self.launcher = launcher
         self.loop = loop
         self.max_result = max_result
-        self._child: ChildProcess | None = None
+        self.limit = max(0, limit)
+        self.wanted = min(1, self.limit)  # how many to keep: measured demand
+        self.started = 0  # spares requested over the run (for the bench and tests)
+        self._calm = 0  # calls in a row that found a spare ready
+        self._spares: deque[ChildProcess] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._spares)
 
     def prepare(self) -> None:
-        """Start the next spare, unless one is waiting already."""
-        if self._child is not None or not self.launcher.running:
-            return  # no fork server now: a call starts its own once one is back
-        try:
-            # Deferred: we do not wait for the fork server's answer now (the task that
-            # just started may finish meanwhile); it is read when the spare is taken.
-            self._child = start_task_process(self.launcher, self.loop, _idle_output,
-                                             self.max_result, deferred=True)
-        except LaunchError as exc:
-            log.debug("no spare task process: %s", exc)  # the call will start its own
+        """Start spares until `wanted` are waiting."""
+        while len(self._spares) < self.wanted and self.launcher.running:
+            try:
+                # Deferred: the fork server's answer is read when the spare is taken,
+                # not now (the task that just started may finish meanwhile).
+                self._spares.append(start_task_process(
+                    self.launcher, self.loop, _idle_output, self.max_result, deferred=True))
+                self.started += 1
+            except LaunchError as exc:
+                log.debug("no spare task process: %s", exc)  # the call starts its own
+                return
 
     def take(self) -> ChildProcess | None:
-        """The waiting spare, if it is still alive; the caller owns it from now on."""
-        child, self._child = self._child, None
-        if child is None:
-            return None
+        """The oldest waiting spare that is alive; the caller owns it from now on."""
+        self._measure()
+        while self._spares:
+            child = self._usable(self._spares.popleft())
+            if child is not None:
+                return child
+        return None
+
+    def _measure(self) -> None:
+        if self._spares and _answered(self._spares[0]):
+            self._calm += 1
+            if self._calm >= CALM_CALLS and self.wanted > 1:
+                self.wanted, self._calm = self.wanted - 1, 0
+            return
+        # No spare, or its fork was not done: this call waits for one.
+        self._calm = 0
+        self.wanted = min(self.limit, self.wanted + 1)
+
+    def _usable(self, child: ChildProcess) -> ChildProcess | None:
         try:
             child.ready()
         except LaunchError as exc:
@@ -55,14 +94,22 @@ class WarmSpare:
         return child
 
     def discard(self) -> None:
-        child, self._child = self._child, None
-        if child is None:
-            return
-        try:
-            child.ready()
-        except LaunchError:
-            return
-        child.stop()
+        """Stop every waiting spare and wait until each is gone."""
+        while self._spares:
+            child = self._spares.popleft()
+            try:
+                child.ready()
+            except LaunchError:
+                continue
+            child.stop()
+
+
+def _answered(child: ChildProcess) -> bool:
+    """The fork server has answered for it: forked (perhaps still bootstrapping)."""
+    pending = child.pending
+    if pending is None:
+        return True
+    return bool(select.select([pending.reply], [], [], 0)[0])
 
 
 def _idle_output(stream: str, lines: list[str]) -> None:

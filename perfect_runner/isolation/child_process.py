@@ -93,6 +93,11 @@ class ChildProcess:
             self.kill_tree()  # it broke the protocol while we waited for its pid
         self._register()
 
+    @property
+    def pending(self) -> PendingChild | None:
+        """The fork server's answer, while it has not been taken (`ready`)."""
+        return self._pending
+
     def _spawn(self, launcher: Launcher, config: ChildConfig,
                fds: tuple[int, ...]) -> PendingChild:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)

@@ -1,0 +1,128 @@
+"""Spares: task processes started ahead of the calls, as many as demand calls for
+within a bound, dying with their run; each learns its task's settings in its first
+frame, so no spare runs a task with settings that are not that task's."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+from conftest import is_gone
+
+from perfect_runner.executor.options import RunOptions
+from perfect_runner.executor.spare import MAX_SPARES
+
+# A task sees the other task processes waiting beside it: the fork server's other
+# children, minus the flow process (whose pid the flow body passes in).
+SIBLINGS = """
+import json
+
+
+def waiting_siblings(flow_pid):
+    server = os.getppid()
+    found = []
+    for tid in os.listdir(f"/proc/{server}/task"):
+        with open(f"/proc/{server}/task/{tid}/children") as handle:
+            found += [int(p) for p in handle.read().split()]
+    alive = []
+    for pid in found:
+        if pid in (os.getpid(), flow_pid):
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                state = handle.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+@task
+def look(flow_pid):
+    return waiting_siblings(flow_pid)
+
+
+@task
+def kill_siblings(flow_pid):
+    killed = waiting_siblings(flow_pid)
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    return killed
+
+
+@task
+def double(x):
+    return 2 * x
+
+
+@flow("many_calls")
+def many_calls():
+    seen = [look(os.getpid()) for _ in range(60)]
+    (TMP / "seen.json").write_text(json.dumps(seen))
+
+
+@flow("killer")
+def killer():
+    look(os.getpid())  # by now a spare waits
+    killed = kill_siblings(os.getpid())
+    results = [double(i) for i in range(5)]
+    (TMP / "killer.json").write_text(json.dumps({"killed": killed, "results": results}))
+"""
+
+
+def test_spares_stay_within_the_bound_and_die_with_their_run(write_flows, run_flow,
+                                                             tmp_path: Path) -> None:
+    ran = run_flow(write_flows(SIBLINGS), "many_calls")
+    assert ran.record.state == "COMPLETED"
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    # Retired task processes may still be exiting beside the spares: one per call.
+    assert max(len(pids) for pids in seen) <= MAX_SPARES + 1, seen
+    assert any(seen), "no call ever found a spare waiting"
+    every = {pid for pids in seen for pid in pids}
+    assert all(is_gone(pid) for pid in every)  # run_flow also checks nothing else is left
+
+
+def test_a_task_that_kills_the_waiting_spares_does_not_break_the_next_calls(
+        write_flows, run_flow, tmp_path: Path) -> None:
+    ran = run_flow(write_flows(SIBLINGS), "killer")
+    assert ran.record.state == "COMPLETED", ran.record.note
+    out = json.loads((tmp_path / "killer.json").read_text())
+    assert out["killed"], "no spare was waiting to be killed"
+    assert out["results"] == [0, 2, 4, 6, 8]
+    assert [t.state for t in ran.record.tasks] == ["COMPLETED"] * 7
+
+
+SETTINGS = """
+import resource
+
+
+@task(memory_limit="300MB")
+def capped():
+    return resource.getrlimit(resource.RLIMIT_AS)[0], os.getcwd(), os.environ.get("PR_MARK")
+
+
+@task
+def free():
+    return resource.getrlimit(resource.RLIMIT_AS)[0], os.getcwd(), os.environ.get("PR_MARK")
+
+
+@flow("alternate")
+def alternate():
+    seen = [(capped() if i % 2 else free()) for i in range(8)]
+    (TMP / "settings.json").write_text(json.dumps(seen))
+"""
+
+
+def test_each_task_runs_with_its_own_limits_whatever_spare_it_got(write_flows, run_flow,
+                                                                  tmp_path: Path) -> None:
+    options = RunOptions(hard_memory_cap=True, task_workdir="tmp",
+                         child_env={"PR_MARK": "this-run", "PATH": "/usr/bin:/bin"})
+    ran = run_flow(write_flows("import json\n" + SETTINGS), "alternate", options=options)
+    assert ran.record.state == "COMPLETED", ran.record.note
+    seen = json.loads((tmp_path / "settings.json").read_text())
+    unlimited = resource.RLIM_INFINITY
+    assert [limit for limit, _, _ in seen] == [unlimited, 300_000_000] * 4
+    assert len({cwd for _, cwd, _ in seen}) == 8  # a fresh workdir per call
+    assert {mark for _, _, mark in seen} == {"this-run"}
