@@ -23,11 +23,19 @@ The baselines run in a small fresh interpreter that imported the flows
 module, like perfect_runner's fork server.
 
 Targets: default median <= 3 ms, <= 3x the fork floor, and >= 6x faster than
-multiprocessing's forkserver and than RQ.
+multiprocessing's forkserver and than RQ; issue 13: the median at most the
+fork floor (1.0x) and below multiprocessing.Process(fork), in the same rounds.
+
+Then the same no-op call and the fork floor side by side under `taskset` on
+one core and on two (`_cores.py`): what idle cores buy a task call.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -130,6 +138,7 @@ def main(quick: bool = False) -> list[Row]:
     pr = Stats.of(pooled["pr_default"]).median
     floor = Stats.of(pooled["fork"]).median
     mpfs = Stats.of(pooled["mp_forkserver"]).median
+    mpf = Stats.of(pooled["mp_fork"]).median
     rows = [
         Row("1 start", "default median per task", "<= 3 ms", f"{pr * 1000:.2f} ms",
             pr <= 0.003),
@@ -144,7 +153,37 @@ def main(quick: bool = False) -> list[Row]:
             f"{probe_time() * 1000:.2f} ms", None),
         Row("1 start", "spawn median per task", "-",
             f"{Stats.of(pooled['pr_spawn']).median * 1000:.1f} ms", None),
+        Row("13.1 call", "default median / fork floor", "<= 1.0x",
+            f"{pr / floor:.2f}x ({pr * 1000:.2f} vs {floor * 1000:.2f} ms)", pr / floor <= 1.0),
+        Row("13.1 call", "default median / mp.Process(fork)", "< 1.0x",
+            f"{pr / mpf:.2f}x ({mpf * 1000:.2f} ms)", pr < mpf),
     ]
+    return rows + cores_rows(module, quick)
+
+
+def cores_rows(module: str, quick: bool) -> list[Row]:
+    """The no-op call and the fork floor on one core, then on two: info rows."""
+    calls, rounds = (100, 2) if quick else (300, 3)
+    if not shutil.which("taskset") or (os.cpu_count() or 1) < 2:
+        return [Row("13.1 call", "taskset 1 vs 2 cores", "-",
+                    "skipped: needs taskset and 2 cores", None, skipped=True)]
+    table, rows = [], []
+    for cores in ("0", "0,1"):
+        pooled = json.loads(subprocess.run(
+            ["taskset", "-c", cores, sys.executable, str(common.BENCH_DIR / "_cores.py"),
+             str(calls), str(rounds), module],
+            capture_output=True, text=True, check=True, timeout=300).stdout)
+        pr, floor = Stats.of(pooled["pr"]).median, Stats.of(pooled["fork"]).median
+        count = len(cores.split(","))
+        for name, label in (("pr", "perfect_runner"), ("fork", "os.fork + pipe (floor)")):
+            st = Stats.of(pooled[name])
+            table.append([f"{label}, {count} core(s)", st.n, st.median * 1000, st.p95 * 1000,
+                          st.min * 1000, st.max * 1000, f"{st.median / floor:.2f}x"])
+        rows.append(Row("13.1 call", f"taskset {count} core(s): default / floor", "-",
+                        f"{pr / floor:.2f}x ({pr * 1000:.2f} vs {floor * 1000:.2f} ms)", None))
+    print_table(f"1b. The same call pinned with taskset: cpu 0, then cpus 0,1 ({rounds} rounds "
+                f"of {calls} calls each; 'x floor' against the floor on the same cores)",
+                TIMING_HEADERS, table)
     return rows
 
 
