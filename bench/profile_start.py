@@ -16,6 +16,13 @@ Three views of one no-op task call:
    timed from the harness: fork, fork -> reply, reply -> reaped.
 3. The same harness without the preload, i.e. every child imports the
    child-side code itself (what the runner did before it preloaded).
+4. CPU per call, by process, over N real calls: the control process
+   (os.times), the fork server itself, and its reaped children (task
+   processes and the run's flow process), from /proc/<server>/stat. On a
+   machine with no idle core the call costs about the sum, not the path.
+5. A task process's CPU, phase by phase (time.process_time() marks around the
+   bootstrap and run_task steps, in the harness of view 2): which tenths of a
+   millisecond a spare spends before its RunTask, and which after.
 """
 
 from __future__ import annotations
@@ -55,6 +62,95 @@ def control_side(module: str, calls: int, top: int) -> None:
     print(f"== 1. control process: {calls} calls, {wall * 1000 / calls:.2f} ms per call "
           f"(flow body median {statistics.median(samples) * 1000:.2f} ms) ==")
     _print_stats(pstats.Stats(profile), top, calls)
+
+
+def cpu_by_process(module: str, calls: int) -> None:
+    import common
+
+    runner = common.NoopFlows(module, calls)
+    try:
+        runner.batch()
+        server = runner.executor.launcher.server_pid
+        before, own = _server_cpu(server), os.times()
+        start = time.perf_counter()
+        samples = runner.batch()
+        wall = time.perf_counter() - start
+        after, own_after = _server_cpu(server), os.times()
+    finally:
+        runner.close()
+    per = 1000 / calls
+    control = (own_after.user - own.user + own_after.system - own.system) * per
+    server_own, children = ((after[i] - before[i]) * per for i in range(2))
+    print(f"== 4. CPU per call by process ({calls} calls; wall {wall * per:.2f} ms per call, "
+          f"flow body median {statistics.median(samples) * 1000:.2f} ms) ==")
+    print(f"control process {control:.2f} ms | fork server {server_own:.2f} ms | task + flow "
+          f"processes {children:.2f} ms | sum {control + server_own + children:.2f} ms\n")
+
+
+def _server_cpu(pid: int) -> tuple[float, float]:
+    """The fork server's own CPU seconds, and its reaped children's."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    utime, stime, cutime, cstime = (int(x) / tick for x in fields[11:15])
+    return utime + stime, cutime + cstime
+
+
+PHASES = {"child_bootstrap": ["_reset_signals", "die_with_parent", "become_subreaper",
+                              "_wire_fds", "_kill_leftovers"],
+          "task_child": ["recv_message_fds", "apply_setup", "_execute", "final_frame",
+                         "send_payload"]}
+
+
+def phase_marks(key: str, calls: int) -> None:
+    """View 5: process_time() marks around each step, written by each child at exit."""
+    import importlib
+
+    marks: list[tuple[str, float]] = []
+    for module_name, names in PHASES.items():
+        module = importlib.import_module(f"perfect_runner.isolation.{module_name}")
+        for name in names:
+            setattr(module, name, _marked(getattr(module, name), name, marks))
+    real_exit = os._exit
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "marks")
+
+        def exit_with_marks(code: int) -> None:
+            marks.append(("exit", time.process_time()))
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            os.write(fd, (json.dumps(marks) + "\n").encode())
+            real_exit(code)
+
+        os._exit = exit_with_marks
+        try:
+            for _ in range(calls):
+                _one_child(key, None)
+        finally:
+            os._exit = real_exit
+        with open(path) as handle:
+            runs = [json.loads(line) for line in handle]
+    steps: dict[str, list[float]] = {}
+    for run in runs:
+        previous = 0.0
+        for name, at in run:
+            steps.setdefault(name, []).append(at - previous)
+            previous = at
+    print(f"== 5. task process CPU by phase ({len(runs)} children; median ms of CPU since "
+          f"the previous mark; '>' entering a step, '<' leaving it) ==")
+    for name, spent in steps.items():
+        print(f"{statistics.median(spent) * 1000:8.3f}  {name}")
+    total = statistics.median(run[-1][1] for run in runs)
+    print(f"{total * 1000:8.3f}  total, fork to exit\n")
+
+
+def _marked(func, name: str, marks: list):
+    def wrapper(*args, **kwargs):
+        marks.append((name + ">", time.process_time()))
+        try:
+            return func(*args, **kwargs)
+        finally:
+            marks.append((name + "<", time.process_time()))
+    return wrapper
 
 
 def _frame(header: dict, blob: bytes = b"") -> bytes:
@@ -155,6 +251,8 @@ def child_side(module: str, calls: int, top: int, preload: bool) -> None:
           f"total {fork + run + reap:.2f} ms ==")
     print(f"(child-side cProfile below: {len(files)} children, per-child times)")
     _print_stats(stats, top, len(files))
+    if preload:
+        phase_marks(key, min(calls, 100))  # last: it patches the child-side modules
 
 
 def _print_stats(stats: pstats.Stats, top: int, per: int) -> None:
@@ -188,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
 
     module = common.noop_flows_module(common.work_dir("profile"))
     control_side(module, args.calls, args.top)
+    cpu_by_process(module, args.calls)
     sys.stdout.flush()
     for mode in ("preload", "plain"):
         # A fresh interpreter: this one has imported the whole runner.
