@@ -10,6 +10,7 @@ from pathlib import Path
 
 from conftest import is_gone
 
+from perfect_runner.executor import spare
 from perfect_runner.executor.options import RunOptions
 from perfect_runner.executor.spare import MAX_SPARES
 
@@ -82,6 +83,16 @@ def test_spares_stay_within_the_bound_and_die_with_their_run(write_flows, run_fl
     assert any(seen), "no call ever found a spare waiting"
     every = {pid for pids in seen for pid in pids}
     assert all(is_gone(pid) for pid in every)  # run_flow also checks nothing else is left
+    assert spare.EXTRA.free == spare.EXTRA_BUDGET  # the run gave back what it took
+
+
+def test_with_no_shared_budget_a_run_keeps_one_spare(write_flows, run_flow, tmp_path: Path,
+                                                     monkeypatch) -> None:
+    monkeypatch.setattr(spare, "EXTRA", spare._Budget(0))
+    ran = run_flow(write_flows(SIBLINGS), "many_calls")
+    assert ran.record.state == "COMPLETED"
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert max(len(pids) for pids in seen) <= 2, seen  # the spare, and one still exiting
 
 
 def test_a_task_that_kills_the_waiting_spares_does_not_break_the_next_calls(
@@ -126,3 +137,29 @@ def test_each_task_runs_with_its_own_limits_whatever_spare_it_got(write_flows, r
     assert [limit for limit, _, _ in seen] == [unlimited, 300_000_000] * 4
     assert len({cwd for _, cwd, _ in seen}) == 8  # a fresh workdir per call
     assert {mark for _, _, mark in seen} == {"this-run"}
+
+
+CRASH = """
+@task
+def noop():
+    return None
+
+
+@task
+def crash():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@flow("crashes")
+def crashes():
+    for _ in range(30):
+        noop()
+    crash()
+"""
+
+
+def test_a_failed_run_gives_back_its_spares(write_flows, run_flow) -> None:
+    ran = run_flow(write_flows(CRASH), "crashes")
+    assert ran.record.state == "FAILED"
+    assert ran.record.tasks[-1].note == "crashed: SIGKILL (killed)"
+    assert spare.EXTRA.free == spare.EXTRA_BUDGET

@@ -158,6 +158,8 @@ class FlowRun:
             self._serve(flow)
         finally:
             self._ahead.drop()
+            log.debug("run %s: %d spare task processes started, %d kept at the end",
+                      self.run.run_id, self.spares.started, self.spares.wanted)
             self.spares.discard()
             flow.stop()
             self._flow = None

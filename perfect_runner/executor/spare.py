@@ -10,13 +10,17 @@ its run, and it serves no other: the spares are the run's and die with it.
 How many: as many as measured demand calls for, within `MAX_SPARES`. A call
 that finds no spare whose fork server answer has come (the fork was not done
 in time) raises the count by one; `CALM_CALLS` calls in a row that found one
-lower it again, down to one.
+lower it again, down to one. Every run keeps one; the spares beyond that come
+from a budget shared by all runs of the worker (`EXTRA_BUDGET`), so many runs
+at once on a busy machine do not each hold `MAX_SPARES` idle processes.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import select
+import threading
 from collections import deque
 
 from ..isolation.child_process import ChildProcess
@@ -31,6 +35,29 @@ log = logging.getLogger("perfect_runner.executor")
 # loaded machine; more only hold memory.
 MAX_SPARES = 3
 CALM_CALLS = 50
+EXTRA_BUDGET = 2 * (os.cpu_count() or 1)
+
+
+class _Budget:
+    """Spares beyond each run's first, counted across the worker's runs."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.free <= 0:
+                return False
+            self.free -= 1
+            return True
+
+    def give(self, count: int) -> None:
+        with self._lock:
+            self.free += count
+
+
+EXTRA = _Budget(EXTRA_BUDGET)
 
 
 class SparePool:
@@ -76,10 +103,12 @@ class SparePool:
             self._calm += 1
             if self._calm >= CALM_CALLS and self.wanted > 1:
                 self.wanted, self._calm = self.wanted - 1, 0
+                EXTRA.give(1)
             return
         # No spare, or its fork was not done: this call waits for one.
         self._calm = 0
-        self.wanted = min(self.limit, self.wanted + 1)
+        if 0 < self.wanted < self.limit and EXTRA.take():
+            self.wanted += 1
 
     def _usable(self, child: ChildProcess) -> ChildProcess | None:
         try:
@@ -94,7 +123,9 @@ class SparePool:
         return child
 
     def discard(self) -> None:
-        """Stop every waiting spare and wait until each is gone."""
+        """Stop every waiting spare and wait until each is gone; the run keeps none."""
+        EXTRA.give(max(0, self.wanted - 1))
+        self.wanted = 0
         while self._spares:
             child = self._spares.popleft()
             try:
