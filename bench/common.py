@@ -267,9 +267,10 @@ def noop():
     return None
 
 
-def _timed_calls():
+def _timed_calls(pause=0.0):
     timings = []
     for _ in range(int(os.environ["PR_BENCH_CALLS"])):
+        time.sleep(pause)  # paced: the spares and the cores are idle when the call comes
         start = time.perf_counter()
         noop()
         timings.append(time.perf_counter() - start)
@@ -284,6 +285,11 @@ def _report(timings):
 @flow()
 def noop_calls():
     _report(_timed_calls())
+
+
+@flow()
+def noop_calls_paced():
+    _report(_timed_calls(0.005))
 
 
 @flow()
