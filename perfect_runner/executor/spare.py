@@ -117,7 +117,8 @@ class SparePool:
             log.debug("spare task process did not start: %s", exc)
             return None
         self.loop.poll(0)  # hear of its exit, if it died (or broke the protocol) waiting
-        if child.over:
+        # Its pidfd says it is dead before the fork server's report of its exit comes.
+        if child.over or _dead(child):
             child.stop()
             return None
         return child
@@ -141,6 +142,11 @@ def _answered(child: ChildProcess) -> bool:
     if pending is None:
         return True
     return bool(select.select([pending.reply], [], [], 0)[0])
+
+
+def _dead(child: ChildProcess) -> bool:
+    pidfd = child.handle.pidfd
+    return pidfd < 0 or bool(select.select([pidfd], [], [], 0)[0])
 
 
 def _idle_output(stream: str, lines: list[str]) -> None:
