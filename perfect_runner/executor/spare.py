@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import threading
 from collections import deque
 
 from ..isolation.child_process import ChildProcess
 from ..isolation.launcher import Launcher, LaunchError
+from ..isolation.oskit import readable
 from ..isolation.selector_loop import SelectorLoop
 from ..isolation.supervisor import start_task_process
 
@@ -141,12 +141,12 @@ def _answered(child: ChildProcess) -> bool:
     pending = child.pending
     if pending is None:
         return True
-    return bool(select.select([pending.reply], [], [], 0)[0])
+    return bool(readable([pending.reply.fileno()], 0))
 
 
 def _dead(child: ChildProcess) -> bool:
     pidfd = child.handle.pidfd
-    return pidfd < 0 or bool(select.select([pidfd], [], [], 0)[0])
+    return pidfd < 0 or bool(readable([pidfd], 0))
 
 
 def _idle_output(stream: str, lines: list[str]) -> None:
