@@ -106,8 +106,11 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def wait_file(path: Path, limit: float = 20.0) -> str:
     # The child writes it: poll its appearance (a child's word, not a guess of time).
+    # write_text creates the file before it writes: wait for the (one-write) content too.
     end = time.monotonic() + limit
-    while not path.exists() and time.monotonic() < end:
+    while time.monotonic() < end:
+        if path.exists() and (text := path.read_text()):
+            return text
         time.sleep(0.01)
     return path.read_text()
 
