@@ -38,7 +38,9 @@ HOSTILE = textwrap.dedent('''
 
     def wait_for(path):
         end = time.monotonic() + 20
-        while not path.exists() and time.monotonic() < end:
+        while time.monotonic() < end:
+            if path.exists() and (text := path.read_text()):
+                return text
             time.sleep(0.01)
         return path.read_text()
 
