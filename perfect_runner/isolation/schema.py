@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 MAX_DEPTH = 64  # nesting of a table (json_safe cuts deeper values on the child side)
 
@@ -37,30 +37,31 @@ class Text(Check):
 
 
 @dataclass(frozen=True)
-class Integer(Check):
-    low: int
-    high: int
+class Number(Check):
+    low: float
+    high: float
+    KINDS: ClassVar[tuple[type, ...]] = (int, float)
+    WORD: ClassVar[str] = "a number"
 
     def problem(self, value: Any) -> str | None:
         # bool is an int in Python, never in the protocol.
-        if not isinstance(value, int) or isinstance(value, bool):
-            return "an integer"
-        if not self.low <= value <= self.high:
-            return f"an integer from {self.low} to {self.high}"
+        if not isinstance(value, self.KINDS) or isinstance(value, bool):
+            return self.WORD
+        # isfinite only on floats: a huge int would overflow it.
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if not finite or not self.low <= value <= self.high:
+            return f"{self.WORD} from {_bound(self.low)} to {_bound(self.high)}"
         return None
 
 
 @dataclass(frozen=True)
-class Number(Check):
-    low: float
-    high: float
+class Integer(Number):
+    KINDS: ClassVar[tuple[type, ...]] = (int,)
+    WORD: ClassVar[str] = "an integer"
 
-    def problem(self, value: Any) -> str | None:
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            return "a number"
-        if not math.isfinite(value) or not self.low <= value <= self.high:
-            return f"a number from {self.low:g} to {self.high:g}"
-        return None
+
+def _bound(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass(frozen=True)
