@@ -9,6 +9,7 @@ header.
 
 from __future__ import annotations
 
+import os
 import pickle
 import resource
 import signal
@@ -25,8 +26,9 @@ from ..sdk.errors import TaskTimeout
 from ..sdk.registry import TaskDefinition, get_registry
 from ..sdk.result import TaskResult
 from ..sdk.units import format_limit, format_size, is_decimal
+from .oskit import readable
 from .payload import PayloadError, Pickled, pickled, recv_payload, send_payload
-from .process_setup import apply_setup
+from .process_setup import ProcessSetup, apply_setup
 from .protocol import (
     MAX_HEADER,
     NAME_MAX,
@@ -40,6 +42,7 @@ from .protocol import (
     TaskReturned,
     TaskUnsendable,
     clip,
+    decode_header,
     encode_frame,
     encode_header,
     recv_message_fds,
@@ -79,6 +82,8 @@ def _soft_stop(signum: int, frame: object) -> None:
 
 def run_task(chan: socket.socket) -> int:
     signal.signal(SOFT_STOP_SIGNAL, _soft_stop)
+    if not readable([chan.fileno()], 0):
+        rehearse()  # a spare: nobody waits for it yet
     request, _, fds = recv_message_fds(chan, sender="control")
     if not isinstance(request, RunTask) or not fds:
         raise TypeError(f"expected run_task with its payload channel, got {request.TYPE}")
@@ -99,6 +104,23 @@ def run_task(chan: socket.socket) -> int:
         chan.sendall(frame)
         task_runtime.closed = True
     return 0
+
+
+def rehearse() -> None:
+    """Walk the call's own path once with stand-in data, before the call comes.
+
+    The first decode, check, pickle and encode in a fresh child touch pages it
+    shares with the fork server (copy-on-write faults) and fill first-use caches:
+    about half a millisecond that a spare spends here, while nobody waits,
+    instead of on the call's critical path. Nothing is sent or applied.
+    """
+    stand_in = RunTask(key="rehearsal", name="rehearsal", index=0,
+                       setup=ProcessSetup(env=dict(os.environ)).to_json())
+    decode_header(encode_header(stand_in), sender="control")
+    pickle.loads(b"".join(pickled(((), {})).parts))
+    reply, payload = _returned(stand_in, None)
+    reply.peak_rss = _peak_rss()
+    final_frame(stand_in, reply, payload)
 
 
 def final_frame(request: RunTask, reply: Message, payload: Pickled) -> tuple[bytes, Pickled]:
