@@ -76,6 +76,7 @@ class FlowRun:
         self.loop = SelectorLoop()
         self.spares = SparePool(launcher, self.loop, options.max_result)
         self._retiring: list[ChildProcess] = []
+        self._unannounced: list[tuple[TaskRecord, Outcome]] = []
         self._flow_dumps = StackDumpFilter(options.full_tracebacks)
         self._cancel: tuple[Kind, str] | None = None
         self._lock = threading.Lock()
@@ -180,10 +181,24 @@ class FlowRun:
                 return
             message, _ = flow.frames.popleft()
             if isinstance(message, CallTask):
-                self._ahead.give_with(flow, self._call_task(message, flow))
+                reply = self._call_task(message, flow)
+                try:
+                    self._ahead.give_with(flow, reply)
+                finally:
+                    self._after_reply()
             else:
                 self._flow_ended(message)
                 return
+
+    def _after_reply(self) -> None:
+        """What the call's answer does not wait for, done once the flow process has it:
+        the listeners hear of the call's end, the next spares start."""
+        self._announce_pending()
+        self.spares.prepare()
+
+    def _announce_pending(self) -> None:
+        while self._unannounced:
+            self._announce(*self._unannounced.pop(0))
 
     def _time_left(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
@@ -207,7 +222,8 @@ class FlowRun:
             outcome = Outcome(Kind.UNSENDABLE, detail=call.args_error)
         else:
             outcome = self._attempts(task, call, flow, first)
-        self._record_outcome(task, outcome)
+        self._record_outcome(task, outcome, announce=False)
+        self._unannounced.append((task, outcome))
         return self._reply(task, outcome)
 
     def _new_task(self, call: CallTask) -> TaskRecord:
@@ -255,6 +271,9 @@ class FlowRun:
             return self.cancel_reason() or flow_lost(flow)
 
         def tick(reported: float | None) -> None:
+            # A task that lasts gets the next call's spare started beside it; a short
+            # one's starts after the reply, not competing with the call for a core.
+            self.spares.prepare()
             elapsed_ms = (time.monotonic() - started) * 1000
             estimate = reported if reported is not None else elapsed_ms / task.estimated_time * 100
             task.progress = int(min(99, max(0, estimate)))
@@ -277,13 +296,9 @@ class FlowRun:
                 tick, self.options.progress_interval, stop_reason,
                 full_tracebacks=self.options.full_tracebacks, fault=self._fault,
             )
-            def on_sent() -> None:
-                channel.task_has_it(flow, attempt)
-                self.spares.prepare()
-
             try:
                 outcome = supervisor.run(request, channel.task_end.fileno(), self.spares.take(),
-                                         on_sent)
+                                         lambda: channel.task_has_it(flow, attempt))
             finally:
                 channel.close()
                 self._retire(supervisor.leftover)
@@ -327,7 +342,8 @@ class FlowRun:
         while time.monotonic() < end and not self.cancel_reason():
             self.loop.poll(end - time.monotonic())
 
-    def _record_outcome(self, task: TaskRecord, outcome: Outcome) -> None:
+    def _record_outcome(self, task: TaskRecord, outcome: Outcome, announce: bool = True) -> None:
+        """The task's final fields; `announce`: tell the listeners now (else `_announce`)."""
         task.ended_at = time.time()
         task.duration_ms = int((task.ended_at - (task.started_at or task.ended_at)) * 1000)
         task.peak_rss = outcome.peak_rss or None
@@ -340,12 +356,19 @@ class FlowRun:
         if self._cancelled_here():
             return  # the backend no longer wants this run: report nothing more
         if not outcome.passed:
+            self._crucial_failed = self._crucial_failed or task.crucial_pass
+        if announce:
+            self._announce(task, outcome)
+
+    def _announce(self, task: TaskRecord, outcome: Outcome) -> None:
+        if self._cancelled_here():
+            return
+        if not outcome.passed:
             # Ctrl-C is not the task's fault: the summary says so without alarm.
             crucial = task.crucial_pass and outcome.kind is not Kind.INTERRUPTED
             level = "error" if crucial else "warning"
             kind = "crucial" if task.crucial_pass else "non-crucial"
             self.log(f"Task '{task.name}' ({kind}) failed: {task.note}", level)
-            self._crucial_failed = self._crucial_failed or task.crucial_pass
         self.listener.task_finished(self.run, task)
 
     def _reply(self, task: TaskRecord, outcome: Outcome) -> TaskReply:
@@ -413,6 +436,7 @@ class FlowRun:
             if self._cancel is None or self._cancel[0] is not Kind.CANCELLED:
                 self._cancel = (Kind.RUNNER_FAULT, note)
         self._kill_everything()
+        self._announce_pending()
         for task in self.run.tasks:
             if task.state in (TaskState.RUNNING, TaskState.RETRYING):
                 self._record_outcome(task, Outcome(Kind.RUNNER_FAULT, detail=note))

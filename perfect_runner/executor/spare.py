@@ -2,8 +2,11 @@
 
 Starting a task process (a request to the fork server, a fork, the child's
 bootstrap) is most of a task call's overhead. A run keeps spares, already
-bootstrapped and waiting for their RunTask, and starts the next ones while the
-current task runs, so a task call does not wait for a fork. A spare learns its
+bootstrapped (and rehearsed, see `task_child.rehearse`) and waiting for their
+RunTask, so a task call does not wait for a fork. The run starts the next ones
+once a call's reply is out, or beside a task that lasts (its first progress
+tick): a short call's successor is not forked while the call runs, competing
+with it for a core. A spare learns its
 environment, limits and user from the RunTask, so one spare fits any task of
 its run, and it serves no other: the spares are the run's and die with it.
 

@@ -28,7 +28,7 @@ from ..sdk.result import TaskResult
 from ..sdk.units import format_limit, format_size, is_decimal
 from .oskit import readable
 from .payload import PayloadError, Pickled, pickled, recv_payload, send_payload
-from .process_setup import ProcessSetup, apply_setup
+from .process_setup import apply_setup
 from .protocol import (
     MAX_HEADER,
     NAME_MAX,
@@ -42,7 +42,6 @@ from .protocol import (
     TaskReturned,
     TaskUnsendable,
     clip,
-    decode_header,
     encode_frame,
     encode_header,
     recv_message_fds,
@@ -109,18 +108,33 @@ def run_task(chan: socket.socket) -> int:
 def rehearse() -> None:
     """Walk the call's own path once with stand-in data, before the call comes.
 
-    The first decode, check, pickle and encode in a fresh child touch pages it
-    shares with the fork server (copy-on-write faults) and fill first-use caches:
-    about half a millisecond that a spare spends here, while nobody waits,
-    instead of on the call's critical path. Nothing is sent or applied.
+    The first receive, decode, check, pickle and encode in a fresh child touch
+    pages it shares with the fork server (copy-on-write faults) and fill
+    first-use caches: a few hundred microseconds that a spare spends here, while
+    nobody waits, instead of on the call's critical path. The frames go round a
+    socketpair of its own; nothing reaches the control or the flow process, and
+    no setup is applied (dropping capabilities must wait for the real one).
     """
-    stand_in = RunTask(key="rehearsal", name="rehearsal", index=0,
-                       setup=ProcessSetup(env=dict(os.environ)).to_json())
-    decode_header(encode_header(stand_in), sender="control")
-    pickle.loads(b"".join(pickled(((), {})).parts))
-    reply, payload = _returned(stand_in, None)
-    reply.peak_rss = _peak_rss()
-    final_frame(stand_in, reply, payload)
+    stand_in = RunTask(key="rehearsal", name="rehearsal", index=0)
+    here, there = socket.socketpair()
+    with here, there:
+        socket.send_fds(there, [encode_frame(stand_in)], [there.fileno()])
+        request, _, fds = recv_message_fds(here, sender="control")
+        for fd in fds:
+            os.close(fd)
+        send_payload(there, pickled(((), {})))
+        args, kwargs = recv_payload(here, request.max_result).value
+        runtime.install(TaskRuntime(there, threading.Lock()))
+        runtime.install(None)
+        reply, payload = _returned(request, _no_op(*args, **kwargs))
+        reply.peak_rss = _peak_rss()
+        frame, payload = final_frame(request, reply, payload)
+        send_payload(there, payload)
+        recv_payload(here, request.max_result)
+
+
+def _no_op() -> None:
+    return None
 
 
 def final_frame(request: RunTask, reply: Message, payload: Pickled) -> tuple[bytes, Pickled]:
