@@ -83,14 +83,31 @@ class SparePool:
         """Start spares until `wanted` are waiting."""
         while len(self._spares) < self.wanted and self.launcher.running:
             try:
-                # Deferred: the fork server's answer is read when the spare is taken,
-                # not now (the task that just started may finish meanwhile).
-                self._spares.append(start_task_process(
-                    self.launcher, self.loop, _idle_output, self.max_result, deferred=True))
+                # Deferred: the fork server's answer is not waited for here.
+                child = start_task_process(self.launcher, self.loop, _idle_output,
+                                           self.max_result, deferred=True)
                 self.started += 1
             except LaunchError as exc:
                 log.debug("no spare task process: %s", exc)  # the call starts its own
                 return
+            self._spares.append(child)
+            # Its answer is taken when it comes, while the run waits for the flow
+            # process anyway, not when a call needs the spare.
+            self.loop.add(child.pending.reply, lambda c=child: self._on_answer(c))
+
+    def _on_answer(self, child: ChildProcess) -> bool:
+        self._unwatch(child)
+        try:
+            child.ready()
+        except LaunchError as exc:
+            log.debug("spare task process did not start: %s", exc)
+            self._spares.remove(child)
+        return True  # unwatched already: the reply socket now reports the exit
+
+    def _unwatch(self, child: ChildProcess) -> None:
+        if child.pending is not None:
+            self.loop.remove(child.pending.reply)
+
 
     def take(self) -> ChildProcess | None:
         """The oldest waiting spare that is alive; the caller owns it from now on."""
@@ -114,6 +131,7 @@ class SparePool:
             self.wanted += 1
 
     def _usable(self, child: ChildProcess) -> ChildProcess | None:
+        self._unwatch(child)
         try:
             child.ready()
         except LaunchError as exc:
@@ -132,6 +150,7 @@ class SparePool:
         self.wanted = 0
         while self._spares:
             child = self._spares.popleft()
+            self._unwatch(child)
             try:
                 child.ready()
             except LaunchError:
