@@ -329,7 +329,7 @@ class FlowRun:
         for child in self._retiring:
             if child.left_behind:
                 child.await_exit()
-        for child in [c for c in self._retiring if not c.running]:
+        for child in [c for c in self._retiring if c.exited()]:
             child.close()
             self._retiring.remove(child)
 

@@ -247,8 +247,24 @@ class ChildProcess:
         kill_tree(self.pid, members)
         self.left_behind = self.left_behind or bool(members) or exited
 
+    def retire(self) -> None:
+        """Done with it but for its exit: close pipes and channel, and stop waking the
+        loop for the exit report (`exited` looks for it when asked)."""
+        self.close_io()
+        if self.running:
+            self.loop.remove(self.handle.exit_fd)
+
+    def exited(self) -> bool:
+        """Whether the fork server has said the child's tree is gone; never blocks."""
+        if self.running and _readable(self.handle.exit_fd):
+            self.exit = self.handle.read_exit()
+        return not self.running
+
     def await_exit(self, timeout: float = 5.0) -> None:
         """Run the loop until the fork server says the child's tree is gone."""
+        if self.running:  # watched again, if `retire` stopped watching
+            self.loop.remove(self.handle.exit_fd)
+            self.loop.add(self.handle.exit_fd, self._on_exit)
         end = time.monotonic() + timeout
         while self.running and time.monotonic() < end:
             self.loop.poll(end - time.monotonic())

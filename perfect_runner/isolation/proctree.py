@@ -15,8 +15,6 @@ import signal
 import time
 from collections.abc import Iterable
 
-import psutil
-
 from .oskit import readable, signal_group, signal_process
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -124,7 +122,10 @@ def _leads_group(pid: int) -> bool:
 
 
 def _psutil_children(pid: int) -> list[int]:
-    # Kernels built without CONFIG_PROC_CHILDREN: scan every process instead.
+    # Kernels built without CONFIG_PROC_CHILDREN: scan every process instead. Imported
+    # here: the fork server imports this module, and every fork copies what it holds.
+    import psutil
+
     try:
         return [p.pid for p in psutil.Process(pid).children()]
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):

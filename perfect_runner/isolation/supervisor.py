@@ -159,7 +159,7 @@ class TaskSupervisor:
             # Killed, but its exit (page tables of a big process) and its killed
             # descendants' take a while: the caller awaits them (`leftover.stop()`)
             # later, off the critical path.
-            child.close_io()
+            child.retire()
             child.frames.clear()  # the outcome has what it needs; a retired process keeps none
             self.leftover = child
 
