@@ -33,6 +33,7 @@ from .protocol import (
     MAX_HEADER,
     NAME_MAX,
     NOTE_MAX,
+    PREFIX,
     SOFT_STOP_SIGNAL,
     TRACEBACK_MAX,
     Message,
@@ -142,16 +143,17 @@ def final_frame(request: RunTask, reply: Message, payload: Pickled) -> tuple[byt
     if payload.size > request.max_result and isinstance(reply, TaskRaised):
         payload = Pickled()  # the flow process gets the exception's text instead
     try:
-        size = len(encode_header(reply))
+        header = encode_header(reply)
     except ValueError as exc:  # an int too long for JSON, say
         return _unsendable(reply, f"result of task {request.name!r}: its note and table "
                            f"cannot be sent as JSON ({exc})")
+    size = len(header)
     if size > MAX_HEADER:
         return _unsendable(reply, f"result of task {request.name!r}: its note and table take "
                            f"{format_size(size)} as JSON, over the cap of "
                            f"{format_size(MAX_HEADER)} for a "
                            "result summary; return fewer or smaller rows")
-    return encode_frame(reply), payload
+    return PREFIX.pack(size, 0) + header, payload
 
 
 def _unsendable(reply: Message, note: str) -> tuple[bytes, Pickled]:
