@@ -48,7 +48,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from . import sandbox
-from .child_bootstrap import ChildConfig, become_child, preload_roles
+from .child_bootstrap import ChildConfig, become_child, preload_roles, prepare_streams
 from .loader import ModuleLoadError, describe, load_modules
 from .oskit import become_subreaper, close_quietly, die_with_parent, drain_pipe
 from .proctree import direct_children, kill_all_below, kill_tree
@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         ForkServer(control, spawner.become_child).serve()
         return 0
     preload_roles()
+    prepare_streams()
     # Children share our heap copy-on-write; keep their garbage collector off it.
     gc.freeze()
-    _flush_std()
     ForkServer(control, become_child).serve()
     return 0
 
