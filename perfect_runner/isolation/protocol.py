@@ -413,7 +413,7 @@ def frame_head(message: Message, blob_len: int, max_blob: int = DEFAULT_MAX_BLOB
 
 
 def encode_header(message: Message) -> bytes:
-    return json.dumps(message.header(), separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODER.encode(message.header()).encode()
 
 
 def decode_header(raw: bytes, sender: str | None = None) -> Message:
@@ -441,8 +441,8 @@ def decode_header(raw: bytes, sender: str | None = None) -> Message:
 
 def _parse_json(raw: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(raw, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError) as exc:
+        data = _DECODER.decode(raw.decode())
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ProtocolError(f"malformed frame header: {_first_line(exc)}") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"malformed frame header: {describe(data)}, not a JSON object")
@@ -451,6 +451,12 @@ def _parse_json(raw: bytes) -> dict[str, Any]:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+# Made once: json.dumps/loads with options build a new coder on every call, which in
+# a freshly forked task process also means copy-on-write faults.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def _check_fields(cls: type[Message], data: dict[str, Any]) -> None:
