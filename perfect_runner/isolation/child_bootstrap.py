@@ -63,7 +63,8 @@ def become_child(config: ChildConfig, out_fd: int, err_fd: int, chan_fd: int) ->
         become_subreaper()
         chan_fd = _wire_fds(out_fd, err_fd, chan_fd)
         report_fd = 2
-        code = _role_entry(config.role)(socket.socket(fileno=chan_fd))
+        chan = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, chan_fd)
+        code = _role_entry(config.role)(chan)
     except BaseException:  # noqa: BLE001 - last chance: say what broke, exit reserved
         _last_chance_report(report_fd)
     finally:
@@ -148,21 +149,24 @@ def _max_fd() -> int:
     return soft if soft != resource.RLIM_INFINITY else 65536
 
 
+_ROLES: dict[str, Callable[[socket.socket], int]] = {}
+
+
 def preload_roles() -> None:
-    """Import the child-side code once in the fork server, not in every child."""
-    from . import flow_child, task_child  # noqa: F401
+    """Import the child-side code once in the fork server, not in every child (an
+    import statement, even of a loaded module, runs importlib code in the child)."""
+    from .flow_child import run_flow
+    from .task_child import run_task
+
+    _ROLES.update(task=run_task, flow=run_flow)
 
 
 def _role_entry(role: str) -> Callable[[socket.socket], int]:
-    if role == "task":
-        from .task_child import run_task
-
-        return run_task
-    if role == "flow":
-        from .flow_child import run_flow
-
-        return run_flow
-    raise ValueError(f"unknown child role {role!r}")
+    if not _ROLES:
+        preload_roles()
+    if role not in _ROLES:
+        raise ValueError(f"unknown child role {role!r}")
+    return _ROLES[role]
 
 
 def _last_chance_report(fd: int) -> None:

@@ -228,7 +228,8 @@ class ForkServer:
             return False
         request = json.loads(data)
         if request.get("op") == "spawn" and len(fds) == 4:
-            self._spawn(request, fds[:3], socket.socket(fileno=fds[3]))
+            reply = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[3])
+            self._spawn(request, fds[:3], reply)
         else:
             for fd in fds:
                 close_quietly(fd)

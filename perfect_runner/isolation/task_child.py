@@ -9,10 +9,11 @@ header.
 
 from __future__ import annotations
 
+import _signal
 import os
 import pickle
 import resource
-import signal
+import select
 import socket
 import sys
 import threading
@@ -26,7 +27,6 @@ from ..sdk.errors import TaskTimeout
 from ..sdk.registry import TaskDefinition, get_registry
 from ..sdk.result import TaskResult
 from ..sdk.units import format_limit, format_size, is_decimal
-from .oskit import readable
 from .payload import PayloadError, Pickled, pickled, recv_payload, send_payload
 from .process_setup import apply_setup
 from .protocol import (
@@ -81,8 +81,8 @@ def _soft_stop(signum: int, frame: object) -> None:
 
 
 def run_task(chan: socket.socket) -> int:
-    signal.signal(SOFT_STOP_SIGNAL, _soft_stop)
-    if not readable([chan.fileno()], 0):
+    _signal.signal(SOFT_STOP_SIGNAL, _soft_stop)  # C-level: no enum wrapping to touch
+    if not select.select([chan], [], [], 0)[0]:  # the channel is fd 3: select suffices
         rehearse()  # a spare: nobody waits for it yet
     request, _, fds = recv_message_fds(chan, sender="control")
     if not isinstance(request, RunTask) or not fds:
@@ -90,7 +90,7 @@ def run_task(chan: socket.socket) -> int:
     apply_setup(request.setup)
     lock = threading.Lock()
     task_runtime = TaskRuntime(chan, lock)
-    with socket.socket(fileno=fds[0]) as payload_channel:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fds[0]) as payload_channel:
         reply, payload = _execute(request, payload_channel, task_runtime)
         sys.stdout.flush()
         sys.stderr.flush()
