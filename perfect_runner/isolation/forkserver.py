@@ -50,7 +50,7 @@ from typing import NoReturn
 from . import sandbox
 from .child_bootstrap import ChildConfig, become_child, preload_roles, prepare_streams
 from .loader import ModuleLoadError, describe, load_modules
-from .oskit import become_subreaper, close_quietly, die_with_parent, drain_pipe
+from .oskit import become_subreaper, close_quietly, die_with_parent, drain_pipe, recv_with_fds
 from .proctree import direct_children, kill_all_below, kill_tree
 from .protocol import EXIT_BOOTSTRAP
 
@@ -221,7 +221,7 @@ class ForkServer:
 
     def _on_request(self) -> bool:
         try:
-            data, fds, _, _ = socket.recv_fds(self.control, MAX_PACKET, 4)
+            data, fds = recv_with_fds(self.control, MAX_PACKET, 4)
         except ConnectionResetError:
             return False
         if not data:

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from .child_bootstrap import ChildConfig
 from .metadata import Metadata, MetadataError, parse_metadata
-from .oskit import close_quietly, pid_of_pidfd
+from .oskit import close_quietly, pid_of_pidfd, recv_with_fds
 from .sandbox import FAIL_ENV, Choice
 
 START_METHODS = ("forkserver", "spawn")
@@ -239,7 +239,7 @@ class PendingChild:
     def wait(self, timeout: float = SPAWN_WAIT) -> ChildHandle:
         self.reply.settimeout(timeout)
         try:
-            data, pidfds, _, _ = socket.recv_fds(self.reply, MAX_REPLY, 1)
+            data, pidfds = recv_with_fds(self.reply, MAX_REPLY, 1)
         except TimeoutError:
             self.reply.close()
             raise LaunchError(f"the fork server did not answer within {timeout:.0f} s") from None

@@ -8,6 +8,8 @@ import os
 import resource
 import select
 import signal
+import socket
+import struct
 from collections.abc import Iterable
 
 PR_SET_PDEATHSIG = 1
@@ -126,3 +128,24 @@ def pid_of_pidfd(pidfd: int) -> int:
             if line.startswith("Pid:"):
                 return int(line.split()[1])
     raise OSError(f"fd {pidfd} is not a pidfd")
+
+
+_FD = struct.Struct("i")
+
+
+def recv_with_fds(sock: socket.socket, size: int, max_fds: int,
+                  flags: int = 0) -> tuple[bytes, list[int]]:
+    """Up to `size` bytes and the fds sent with them, close-on-exec.
+
+    Not `socket.recv_fds`: on Python 3.11 it drops its `flags` (so neither
+    MSG_CMSG_CLOEXEC nor MSG_DONTWAIT reaches the kernel), and its array
+    handling is more code for every forked child to touch.
+    """
+    data, ancdata, _, _ = sock.recvmsg(size, socket.CMSG_SPACE(max_fds * _FD.size),
+                                       flags | socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            count = len(payload) // _FD.size
+            fds.extend(struct.unpack(f"{count}i", payload[:count * _FD.size]))
+    return data, fds

@@ -121,6 +121,7 @@ from collections.abc import Iterator
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
+from .oskit import recv_with_fds
 from .schema import Check, Choice, Flag, Integer, JsonObject, Number, Table, Text, describe
 
 # How a child ends and is signalled, known to both sides. Exit codes at or above
@@ -539,7 +540,7 @@ def recv_message(sock: socket.socket, max_blob: int = MAX_BLOB,
 def recv_message_fds(sock: socket.socket, max_blob: int = MAX_BLOB, sender: str | None = None,
                      max_fds: int = 1) -> tuple[Message, bytes, list[int]]:
     """`recv_message`, and the fds sent with the frame (close-on-exec; the caller owns them)."""
-    prefix, fds, _, _ = socket.recv_fds(sock, PREFIX.size, max_fds, socket.MSG_CMSG_CLOEXEC)
+    prefix, fds = recv_with_fds(sock, PREFIX.size, max_fds)
     if not prefix:
         raise ChannelClosed(f"channel closed after 0 of {PREFIX.size} bytes of frame prefix")
     try:

@@ -27,6 +27,7 @@ from ..sdk.errors import TaskTimeout
 from ..sdk.registry import TaskDefinition, get_registry
 from ..sdk.result import TaskResult
 from ..sdk.units import format_limit, format_size, is_decimal
+from .oskit import recv_with_fds
 from .payload import PayloadError, Pickled, pickled, recv_payload, send_payload
 from .process_setup import apply_setup
 from .protocol import (
@@ -43,6 +44,7 @@ from .protocol import (
     TaskReturned,
     TaskUnsendable,
     clip,
+    decode_header,
     encode_frame,
     encode_header,
     recv_message_fds,
@@ -83,7 +85,7 @@ def _soft_stop(signum: int, frame: object) -> None:
 def run_task(chan: socket.socket) -> int:
     _signal.signal(SOFT_STOP_SIGNAL, _soft_stop)  # C-level: no enum wrapping to touch
     if not select.select([chan], [], [], 0)[0]:  # the channel is fd 3: select suffices
-        rehearse()  # a spare: nobody waits for it yet
+        rehearse(chan)  # a spare: nobody waits for it yet
     request, _, fds = recv_message_fds(chan, sender="control")
     if not isinstance(request, RunTask) or not fds:
         raise TypeError(f"expected run_task with its payload channel, got {request.TYPE}")
@@ -106,32 +108,30 @@ def run_task(chan: socket.socket) -> int:
     return 0
 
 
-def rehearse() -> None:
+def rehearse(chan: socket.socket) -> None:
     """Walk the call's own path once with stand-in data, before the call comes.
 
-    The first receive, decode, check, pickle and encode in a fresh child touch
-    pages it shares with the fork server (copy-on-write faults) and fill
-    first-use caches: a few hundred microseconds that a spare spends here, while
-    nobody waits, instead of on the call's critical path. The frames go round a
-    socketpair of its own; nothing reaches the control or the flow process, and
-    no setup is applied (dropping capabilities must wait for the real one).
+    The first receive, decode, pickle and encode in a fresh child touch pages it
+    shares with the fork server (copy-on-write faults) and fill first-use
+    caches: a few hundred microseconds that a spare spends here, while nobody
+    waits, instead of on the call's critical path. Nothing is sent and no setup
+    is applied (dropping capabilities must wait for the real one); the receive
+    only peeks at the channel, so a RunTask that came meanwhile stays there.
     """
-    stand_in = RunTask(key="rehearsal", name="rehearsal", index=0)
-    here, there = socket.socketpair()
-    with here, there:
-        socket.send_fds(there, [encode_frame(stand_in)], [there.fileno()])
-        request, _, fds = recv_message_fds(here, sender="control")
-        for fd in fds:
+    try:
+        _, fds = recv_with_fds(chan, 1, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        for fd in fds:  # a peek at a RunTask installs copies of its fds
             os.close(fd)
-        send_payload(there, pickled(((), {})))
-        args, kwargs = recv_payload(here, request.max_result).value
-        runtime.install(TaskRuntime(there, threading.Lock()))
-        runtime.install(None)
-        reply, payload = _returned(request, _no_op(*args, **kwargs))
-        reply.peak_rss = _peak_rss()
-        frame, payload = final_frame(request, reply, payload)
-        send_payload(there, payload)
-        recv_payload(here, request.max_result)
+    except BlockingIOError:
+        pass
+    request = decode_header(encode_header(RunTask(key="rehearsal", name="rehearsal", index=0)),
+                            sender="control")
+    args, kwargs = pickle.loads(b"".join(pickled(((), {})).parts))
+    runtime.install(TaskRuntime(chan, threading.Lock()))
+    runtime.install(None)
+    reply, payload = _returned(request, _no_op(*args, **kwargs))
+    reply.peak_rss = _peak_rss()
+    final_frame(request, reply, payload)
 
 
 def _no_op() -> None:
