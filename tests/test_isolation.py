@@ -622,3 +622,32 @@ def test_hard_memory_cap_stops_allocations_faster_than_sampling(write_flows, run
                    options=RunOptions(hard_memory_cap=True))
     (task,) = ran.record.tasks
     assert (task.state, task.note) == ("FAILED", "MemoryError")
+
+
+EXEC_SEES = """
+import subprocess
+
+
+@task
+def what_a_program_inherits():
+    # A program the task runs (close_fds=False, as os.system and exec do) sees the
+    # task's std fds and nothing of the runner's: no channel, no payload channel.
+    listing = subprocess.run(["ls", "/proc/self/fd"], close_fds=False, capture_output=True,
+                             text=True, check=True).stdout.split()
+    return TaskResult(passed=True, note=" ".join(sorted(listing, key=int)))
+
+
+@flow("exec")
+def exec_flow():
+    what_a_program_inherits()
+"""
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_a_program_a_task_runs_inherits_no_channel_of_the_runner(write_flows, run_flow,
+                                                                 start_method: str) -> None:
+    ran = run_flow(write_flows(EXEC_SEES), "exec", start_method)
+    (task,) = ran.record.tasks
+    assert task.state == "COMPLETED", task.note
+    # 0-2: its stdio; 3: the directory `ls` itself is reading. Nothing more.
+    assert task.note == "0 1 2 3", task.note
