@@ -26,7 +26,7 @@ from collections.abc import Callable
 from .child_bootstrap import ChildConfig
 from .launcher import ExitInfo, Launcher, LaunchError, PendingChild
 from .lines import DEFAULT_MAX_LINE, LineSplitter
-from .oskit import close_quietly, readable
+from .oskit import close_quietly, readable, send_with_fds
 from .proctree import descendants, kill_tree
 from .protocol import (
     DEFAULT_MAX_BLOB,
@@ -150,7 +150,7 @@ class ChildProcess:
         # Bounded: a child that stops reading its channel must not hang our loop.
         try:
             self.chan.settimeout(SEND_WAIT)
-            sent = socket.send_fds(self.chan, [frame], list(fds)) if fds else 0
+            sent = send_with_fds(self.chan, frame, fds) if fds else 0
             self.chan.sendall(frame[sent:])
             return True
         except TimeoutError:
@@ -298,7 +298,7 @@ def _send_some(sock: socket.socket, data: bytes, fds: tuple[int, ...]) -> int:
         return 0
     sock.setblocking(False)
     try:
-        return socket.send_fds(sock, [data], list(fds)) if fds else sock.send(data)
+        return send_with_fds(sock, data, fds) if fds else sock.send(data)
     except BlockingIOError:
         return 0
 

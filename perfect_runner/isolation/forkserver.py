@@ -50,7 +50,13 @@ from typing import NoReturn
 from . import sandbox
 from .child_bootstrap import ChildConfig, become_child, preload_roles, prepare_streams
 from .loader import ModuleLoadError, describe, load_modules
-from .oskit import become_subreaper, close_quietly, die_with_parent, drain_pipe, recv_with_fds
+from .oskit import (
+    become_subreaper,
+    close_quietly,
+    die_with_parent,
+    recv_with_fds,
+    send_with_fds,
+)
 from .proctree import direct_children, kill_all_below, kill_tree
 from .protocol import EXIT_BOOTSTRAP
 
@@ -271,7 +277,10 @@ class ForkServer:
             os._exit(EXIT_BOOTSTRAP)
 
     def _on_sigchld(self) -> None:
-        drain_pipe(self.wake_r)
+        try:
+            os.read(self.wake_r, 4096)  # one read: more bytes wake us again
+        except BlockingIOError:
+            pass
         while True:
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
@@ -340,7 +349,7 @@ def _open_children_file() -> int:
 
 def _send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> None:
     try:
-        socket.send_fds(sock, [json.dumps(message).encode()], fds or [])
+        send_with_fds(sock, json.dumps(message).encode(), fds or ())
     except OSError:
         pass  # the control process no longer listens for this child
 

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from .child_bootstrap import ChildConfig
 from .metadata import Metadata, MetadataError, parse_metadata
-from .oskit import close_quietly, pid_of_pidfd, recv_with_fds
+from .oskit import close_quietly, pid_of_pidfd, recv_with_fds, send_with_fds
 from .sandbox import FAIL_ENV, Choice
 
 START_METHODS = ("forkserver", "spawn")
@@ -196,7 +196,7 @@ class ServerProcess:
         message = json.dumps({"op": "spawn", "config": payload}).encode()
         try:
             with self._send_lock:
-                socket.send_fds(self.control, [message], [*fds, reply_child.fileno()])
+                send_with_fds(self.control, message, [*fds, reply_child.fileno()])
         except OSError as exc:
             reply.close()
             raise ServerGone(f"fork server is gone: {exc}") from None

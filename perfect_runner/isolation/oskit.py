@@ -149,3 +149,13 @@ def recv_with_fds(sock: socket.socket, size: int, max_fds: int,
             count = len(payload) // _FD.size
             fds.extend(struct.unpack(f"{count}i", payload[:count * _FD.size]))
     return data, fds
+
+
+def send_with_fds(sock: socket.socket, data: bytes, fds: Iterable[int]) -> int:
+    """One sendmsg of `data` with `fds` attached (SCM_RIGHTS); how many bytes went.
+
+    What `socket.send_fds` does, with less Python around the one system call.
+    """
+    fds = list(fds)
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+    return sock.sendmsg([data], rights if fds else [])
