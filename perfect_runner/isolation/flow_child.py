@@ -120,7 +120,7 @@ class FlowRuntime:
 def _socket(fds: list[int]) -> socket.socket:
     if not fds:
         raise TypeError("a payload channel frame came without its channel")
-    return socket.socket(fileno=fds[0])
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fds[0])
 
 
 def _evaluate(reply: TaskReply, received: Received | None) -> Any:
