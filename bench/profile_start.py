@@ -23,6 +23,12 @@ Three views of one no-op task call:
 5. A task process's CPU, phase by phase (time.process_time() marks around the
    bootstrap and run_task steps, in the harness of view 2): which tenths of a
    millisecond a spare spends before its RunTask, and which after.
+6. What each step adds to a forked child, by difference: children that fork
+   from the harness of view 2 and do only steps 1..k, then `os._exit`; their
+   page faults and CPU (RUSAGE_CHILDREN) minus those of a child that does
+   nothing. On a VM a copy-on-write fault costs microseconds, and each page a
+   child writes that it shares with the fork server is one: this is where a
+   task process's CPU goes, and what a step must avoid touching.
 """
 
 from __future__ import annotations
@@ -67,33 +73,37 @@ def control_side(module: str, calls: int, top: int) -> None:
 def cpu_by_process(module: str, calls: int) -> None:
     import common
 
-    runner = common.NoopFlows(module, calls)
+    # Without the sandbox: there the fork server reaps the task processes itself, so
+    # its /proc stat counts their CPU (in the sandbox, init's stub would hide it).
+    runner = common.NoopFlows(module, calls, sandbox="off")
     try:
         runner.batch()
         server = runner.executor.launcher.server_pid
-        before, own = _server_cpu(server), os.times()
+        before, own = _server_usage(server), os.times()
         start = time.perf_counter()
         samples = runner.batch()
         wall = time.perf_counter() - start
-        after, own_after = _server_cpu(server), os.times()
+        after, own_after = _server_usage(server), os.times()
     finally:
         runner.close()
     per = 1000 / calls
     control = (own_after.user - own.user + own_after.system - own.system) * per
     server_own, children = ((after[i] - before[i]) * per for i in range(2))
-    print(f"== 4. CPU per call by process ({calls} calls; wall {wall * per:.2f} ms per call, "
-          f"flow body median {statistics.median(samples) * 1000:.2f} ms) ==")
-    print(f"control process {control:.2f} ms | fork server {server_own:.2f} ms | task + flow "
-          f"processes {children:.2f} ms | sum {control + server_own + children:.2f} ms\n")
+    faults, child_faults = ((after[i] - before[i]) / calls for i in range(2, 4))
+    print(f"== 4. CPU per call by process, --sandbox off ({calls} calls; wall {wall * per:.2f} "
+          f"ms per call, flow body median {statistics.median(samples) * 1000:.2f} ms) ==")
+    print(f"control process {control:.2f} ms | fork server {server_own:.2f} ms "
+          f"({faults:.0f} page faults) | task + flow processes {children:.2f} ms "
+          f"({child_faults:.0f} page faults) | sum {control + server_own + children:.2f} ms\n")
 
 
-def _server_cpu(pid: int) -> tuple[float, float]:
-    """The fork server's own CPU seconds, and its reaped children's."""
+def _server_usage(pid: int) -> tuple[float, float, int, int]:
+    """The fork server's own CPU seconds, its reaped children's, and both page fault counts."""
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     utime, stime, cutime, cstime = (int(x) / tick for x in fields[11:15])
-    return utime + stime, cutime + cstime
+    return utime + stime, cutime + cstime, int(fields[7]), int(fields[8])
 
 
 PHASES = {"child_bootstrap": ["_reset_signals", "die_with_parent", "become_subreaper",
@@ -142,6 +152,57 @@ def phase_marks(key: str, calls: int) -> None:
         print(f"{statistics.median(spent) * 1000:8.3f}  {name}")
     total = statistics.median(run[-1][1] for run in runs)
     print(f"{total * 1000:8.3f}  total, fork to exit\n")
+
+
+def step_costs(children: int) -> None:
+    """View 6: faults and CPU each bootstrap step adds to a forked child, by difference."""
+    from perfect_runner.isolation import child_bootstrap as boot
+    from perfect_runner.isolation import oskit, task_child
+
+    out = os.open(os.devnull, os.O_WRONLY)
+    chan, end = socket.socketpair()  # made here: a child gets its channel made for it
+
+    def wire() -> None:
+        boot._wire_fds(out, out, end.fileno())
+
+    steps = [("reset signals", boot._reset_signals), ("setsid", os.setsid),
+             ("die with parent, subreaper",
+              lambda: (oskit.die_with_parent(os.getppid()), oskit.become_subreaper())),
+             ("wire fds", wire),
+             ("rehearse the call", lambda: task_child.rehearse(chan))]
+    print(f"== 6. what each step adds to a forked child ({children} children per row; "
+          f"cumulative: each row does the steps above it too) ==")
+    base = _children_usage(lambda: None, children)
+    print(f"{'faults':>7}  {'cpu ms':>7}  {'+faults':>7}  {'+cpu ms':>7}  step")
+    print(f"{base[0]:7.0f}  {base[1]:7.3f}  {'':>7}  {'':>7}  fork + exit, nothing else")
+    previous, done = base, []
+    for name, step in steps:
+        done.append(step)
+        now = _children_usage(lambda: [do() for do in done], children)
+        print(f"{now[0]:7.0f}  {now[1]:7.3f}  {now[0] - previous[0]:+7.0f}  "
+              f"{now[1] - previous[1]:+7.3f}  {name}")
+        previous = now
+    chan.close()
+    end.close()
+    print()
+
+
+def _children_usage(work, children: int) -> tuple[float, float]:
+    """Mean page faults and CPU ms of `children` forked children that run `work`."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for _ in range(children):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                work()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return (after.ru_minflt - before.ru_minflt) / children, cpu * 1000 / children
 
 
 def _marked(func, name: str, marks: list):
@@ -232,6 +293,8 @@ def child_side(module: str, calls: int, top: int, preload: bool) -> None:
     load_modules([module])
     if preload and hasattr(child_bootstrap, "preload_roles"):
         child_bootstrap.preload_roles()
+    if preload and hasattr(child_bootstrap, "prepare_streams"):
+        child_bootstrap.prepare_streams()
     if preload:
         gc.freeze()
     key = f"{os.path.splitext(os.path.basename(module))[0]}:noop"
@@ -253,6 +316,7 @@ def child_side(module: str, calls: int, top: int, preload: bool) -> None:
     print(f"(child-side cProfile below: {len(files)} children, per-child times)")
     _print_stats(stats, top, len(files))
     if preload:
+        step_costs(min(calls, 300))
         phase_marks(key, min(calls, 100))  # last: it patches the child-side modules
 
 
