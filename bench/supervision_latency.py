@@ -5,7 +5,8 @@
 (a) Timeout -> whole tree dead. In-process `FlowExecutor` (one per --kill-grace value,
     0 and 0.5, interleaved A B A B). A task with timeout=1 ignores SIGTERM (and swallows
     the in-task timeout exception, so only the SIGKILL after the grace ends it), starts 3
-    `sleep` subprocesses and writes down its pid and theirs. The deadline is the
+    `sleep` subprocesses and writes down its pid and theirs (numbers of the sandbox's PID
+    namespace, which the bench maps to ours through /proc/*/status). The deadline is the
     listener's task_started time (control process, time.monotonic) + 1 s; a thread
     polls psutil in a tight loop from just before the deadline until every pid is gone
     (a zombie counts as gone). Target <= 50 ms + the grace.
@@ -20,6 +21,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import threading
@@ -57,6 +59,8 @@ def stubborn():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     children = [subprocess.Popen(["sleep", "1000"]) for _ in range(3)]
     with open(os.path.join(TMP, "tree.pids"), "w") as out:
+        # In the sandbox these pids are its PID namespace's: the bench maps them.
+        out.write(os.readlink("/proc/self/ns/pid") + "\\n")
         out.write(" ".join(str(p) for p in [os.getpid()] + [c.pid for c in children]))
     while True:  # also swallows the in-task timeout exception: only SIGKILL ends it
         try:
@@ -100,6 +104,26 @@ def crash_flow():
 '''
 
 
+def host_pids(namespace: str, pids: list[int]) -> list[int]:
+    """Our pids of the processes numbered `pids` in PID namespace `namespace`."""
+    if os.readlink("/proc/self/ns/pid") == namespace:
+        return pids
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            if not entry.isdigit() or os.readlink(f"/proc/{entry}/ns/pid") != namespace:
+                continue
+            with open(f"/proc/{entry}/status") as status:
+                line = next(x for x in status if x.startswith("NSpid:"))
+        except (OSError, StopIteration):
+            continue
+        found[int(line.split()[-1])] = int(entry)
+    missing = [pid for pid in pids if pid not in found]
+    if missing:
+        raise RuntimeError(f"pids {missing} of namespace {namespace} not found")
+    return [found[pid] for pid in pids]
+
+
 def _gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -127,9 +151,10 @@ class TreeWatch(NullListener):
 
     def _watch(self) -> None:
         end = time.monotonic() + 10
-        while not self.pid_file.exists() or not self.pid_file.read_text().strip():
+        while not self.pid_file.exists() or len(self.pid_file.read_text().splitlines()) < 2:
             time.sleep(0.001)
-        pids = [int(p) for p in self.pid_file.read_text().split()]
+        namespace, listed = self.pid_file.read_text().splitlines()
+        pids = host_pids(namespace, [int(p) for p in listed.split()])
         assert self.started is not None
         time.sleep(max(0.0, self.started + TIMEOUT - 0.05 - time.monotonic()))
         while time.monotonic() < end:  # tight loop from 50 ms before the deadline
