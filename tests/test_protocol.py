@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from perfect_runner import task
+from perfect_runner.isolation.framing import FrameReader, encode_frame, recv_message, send_message
 from perfect_runner.isolation.lines import CONTINUED, LineSplitter
 from perfect_runner.isolation.loader import tasks_in_call_order
 from perfect_runner.isolation.protocol import (
@@ -23,7 +24,6 @@ from perfect_runner.isolation.protocol import (
     Conversation,
     FlowFinished,
     FlowRaised,
-    FrameReader,
     Message,
     Progress,
     ProtocolError,
@@ -33,9 +33,6 @@ from perfect_runner.isolation.protocol import (
     TaskReply,
     TaskReturned,
     TaskUnsendable,
-    encode_frame,
-    recv_message,
-    send_message,
 )
 from perfect_runner.isolation.supervisor import Deadlines
 from perfect_runner.sdk.registry import FlowDefinition, get_registry

@@ -24,18 +24,12 @@ from collections import deque
 from collections.abc import Callable
 
 from .child_bootstrap import ChildConfig
+from .framing import FrameReader, encode_frame
 from .launcher import ExitInfo, Launcher, LaunchError, PendingChild
 from .lines import DEFAULT_MAX_LINE, LineSplitter
 from .oskit import close_quietly, readable, send_with_fds
 from .proctree import descendants, kill_tree
-from .protocol import (
-    DEFAULT_MAX_BLOB,
-    Conversation,
-    FrameReader,
-    Message,
-    ProtocolError,
-    encode_frame,
-)
+from .protocol import DEFAULT_MAX_BLOB, Conversation, Message, ProtocolError
 from .selector_loop import SelectorLoop
 from .tracebacks import is_dump_line
 

@@ -19,6 +19,7 @@ from ..sdk import runtime
 from ..sdk.errors import TaskFailed
 from ..sdk.registry import TaskDefinition, get_registry
 from ..sdk.units import format_limit, format_size, is_decimal
+from .framing import recv_message_fds, send_message
 from .payload import PayloadError, Pickled, Received, pickled, recv_payload, send_payload
 from .process_setup import apply_setup
 from .protocol import (
@@ -33,8 +34,6 @@ from .protocol import (
     StartFlow,
     TaskReply,
     clip,
-    recv_message_fds,
-    send_message,
 )
 from .task_child import safe_str
 from .tracebacks import format_exception

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..sdk.units import format_limit
-from .protocol import ChannelClosed, recv_exact
+from .framing import recv_exact
+from .protocol import ChannelClosed
 
 SIZE = struct.Struct(">Q")
 SMALL = 256 * 1024  # read whole, then unpickle: fewer system calls than streaming

@@ -2,7 +2,7 @@
 
 Each message class in `protocol` declares a `SCHEMA` mapping its fields to
 these checks. A check returns None for a good value, else a short phrase
-saying what the value should have been; `protocol.decode_header` turns that
+saying what the value should have been; `framing.decode_header` turns that
 into the ProtocolError that ends the sender's attempt. Values come from
 `json.loads`, so they are already JSON types: the checks are about which type,
 which range and how big.

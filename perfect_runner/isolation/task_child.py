@@ -27,6 +27,7 @@ from ..sdk.errors import TaskTimeout
 from ..sdk.registry import TaskDefinition, get_registry
 from ..sdk.result import TaskResult
 from ..sdk.units import format_limit, format_size, is_decimal
+from .framing import decode_header, encode_frame, encode_header, recv_message_fds, send_message
 from .oskit import recv_with_fds
 from .payload import PayloadError, Pickled, pickled, recv_payload, send_payload
 from .process_setup import apply_setup
@@ -44,11 +45,6 @@ from .protocol import (
     TaskReturned,
     TaskUnsendable,
     clip,
-    decode_header,
-    encode_frame,
-    encode_header,
-    recv_message_fds,
-    send_message,
 )
 from .tracebacks import format_exception
 
