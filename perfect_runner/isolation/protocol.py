@@ -29,7 +29,7 @@ classes below; the other keys are that class's fields. The blob is always
 empty between the control process and its children (payloads go on the
 payload channel); a child's frame with a blob is refused from its prefix.
 The control process reads headers only and never unpickles anything.
-`encode_frame` refuses oversized frames (see Sizes) and the reader rejects
+`framing.encode_frame` refuses oversized frames (see Sizes) and the reader rejects
 them before buffering them.
 
 Who speaks when
@@ -83,7 +83,7 @@ only when no call is waiting for its reply.
 Validation
 ----------
 A child is untrusted: its frames are data to check, never to act on as they
-come. `decode_header` checks every header against its class's `SCHEMA`
+come. `framing.decode_header` checks every header against its class's `SCHEMA`
 (declared next to the class: the type, range and size of every field; no
 missing or unknown keys; strict JSON, so no NaN or Infinity) and against the
 role of the sender (`TASK_SENDS`, `FLOW_SENDS`); `Conversation` checks the
@@ -97,6 +97,9 @@ child's exit is not an error of its own: the exit says more. Whatever a child
 writes on a payload channel reaches only the other child, which checks it; a
 flow process that never writes its arguments, or never sends its receipt,
 holds only its own run, until its timeout or a cancel, like any stuck body.
+The other way round, a child trusts its supervisor: frames from the control
+process are decoded without the field checks (each would cost every task
+process copy-on-write faults), only their type and role are checked.
 
 Sizes
 -----
