@@ -284,6 +284,55 @@ def test_events_come_in_order_and_carry_the_record(write_flows, run_flow) -> Non
     assert ran.record.run_id.startswith("local-")
 
 
+ORDER = """
+@task
+def first():
+    print("first's line", flush=True)
+    return 1
+
+
+@task(crucial_pass=False)
+def second():
+    raise ValueError("second fails")
+
+
+@flow("order")
+def order():
+    print("before", flush=True)
+    first()
+    print("between", flush=True)
+    try:
+        second()
+    finally:
+        print("after", flush=True)
+    first()
+"""
+
+
+def test_each_call_is_told_whole_before_what_the_flow_does_next(write_flows, run_flow) -> None:
+    # The flow process gets its answer before the listeners hear of the call's end;
+    # they must still hear of it before anything the flow body does after the call.
+    ran = run_flow(write_flows(ORDER), "order")
+    seen = []
+    for kind, data in ran.events.events:
+        if kind in ("task_started", "task_finished"):
+            seen.append(f"{kind} {data.name} {data.state}")
+        elif kind == "task_output" and data[1] == "stdout":
+            seen += [f"line {line}" for line in data[2]]
+        elif kind == "runner_log" and "failed" in data[1]:
+            seen.append(f"log {data[1]}")
+    assert seen == [
+        "line before",
+        "task_started first RUNNING", "line first's line", "task_finished first COMPLETED",
+        "line between",
+        "task_started second RUNNING",
+        "log Task 'second' (non-crucial) failed: ValueError: second fails",
+        "task_finished second FAILED",
+        "line after",
+        "task_started first RUNNING", "line first's line", "task_finished first COMPLETED",
+    ], seen
+
+
 FLOW_FAILURES = """
 @task
 def fine():
