@@ -6,9 +6,9 @@ bootstrapped (and rehearsed, see `task_child.rehearse`) and waiting for their
 RunTask, so a task call does not wait for a fork. The run starts the next ones
 once a call's reply is out, or beside a task that lasts (its first progress
 tick): a short call's successor is not forked while the call runs, competing
-with it for a core. A spare learns its
-environment, limits and user from the RunTask, so one spare fits any task of
-its run, and it serves no other: the spares are the run's and die with it.
+with it for a core. A spare learns its environment, limits and user from the
+RunTask, so one spare fits any task of its run, and it serves no other: the
+spares are the run's and die with it.
 
 How many: as many as measured demand calls for, within `MAX_SPARES`. A call
 that finds no spare whose fork server answer has come (the fork was not done
@@ -107,7 +107,6 @@ class SparePool:
     def _unwatch(self, child: ChildProcess) -> None:
         if child.pending is not None:
             self.loop.remove(child.pending.reply)
-
 
     def take(self) -> ChildProcess | None:
         """The oldest waiting spare that is alive; the caller owns it from now on."""
