@@ -8,6 +8,7 @@ message's schema and its sender's role before anyone sees it; see
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -102,6 +103,7 @@ def _check_fields(cls: type[Message], data: dict[str, Any]) -> None:
             raise ProtocolError(f"{cls.TYPE}.{key} must be {wanted}, got {describe(value)}")
 
 
+@functools.cache
 def _required(cls: type[Message]) -> list[Any]:
     return [f for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
 
