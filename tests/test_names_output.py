@@ -148,3 +148,33 @@ def test_a_long_run_id_from_the_backend_gets_a_log_file(fake, tmp_path: Path) ->
     (long_log,) = [p for p in logs if p.name.startswith("r" * 60)]
     assert f"run {long_id} of flow 'Plain' started" in long_log.read_text()
     assert "OSError" not in worker_output(tmp_path)
+
+
+LOUD_IMPORT = r'''
+print("\x1b[2J\x1b]0;title\x07loud \x1b[31mimport\x1b[0m")
+print("second line\n''' + FORGED + r'''", file=sys.stderr)
+
+
+@task
+def quiet():
+    return TaskResult(passed=True)
+
+
+@flow("Loud")
+def loud():
+    quiet()
+'''
+
+
+def test_what_a_flows_module_prints_at_import_reaches_the_log_cleaned(tmp_path: Path) -> None:
+    # Printed in the fork server, not in a task: it used to reach the terminal raw.
+    write(tmp_path / "loud_flows.py", LOUD_IMPORT)
+    done = cli(tmp_path, "--flows", "loud_flows.py", "--run", "Loud")
+    assert done.code == 0, done.stderr
+    assert not DRIVES_TERMINAL.search(done.stdout + done.stderr)
+    said = [line for line in done.stderr.splitlines() if "flows module output:" in line]
+    assert [line.split("flows module output: ", 1)[1] for line in said] == [
+        "loud import", "second line", FORGED]
+    # Each line is an entry of the worker's own log, attributed; none passes for another.
+    assert all(" INFO perfect_runner.flows: " in line for line in said)
+    assert FORGED not in done.stderr.replace("flows module output: " + FORGED, "")

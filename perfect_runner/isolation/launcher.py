@@ -37,6 +37,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from . import server_output
 from .child_bootstrap import ChildConfig
 from .metadata import Metadata, MetadataError, parse_metadata
 from .oskit import close_quietly, pid_of_pidfd, recv_with_fds, send_with_fds
@@ -162,10 +163,13 @@ class ServerProcess:
         extra = ["--control-fd", str(child_end.fileno()), "--sandbox", sandbox,
                  "--sandbox-fail", os.environ.get(FAIL_ENV, "")]
         command = _server_command(modules, meta_w, extra + ["--exec-children"] * exec_children)
+        output_r, output_w = os.pipe2(os.O_CLOEXEC)
         self.proc = subprocess.Popen(
             command, pass_fds=(meta_w, child_end.fileno()), stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
+            stdout=output_w, stderr=output_w, env=env, start_new_session=True,
         )
+        os.close(output_w)
+        server_output.relay(output_r, f"forkserver-output-{self.proc.pid}")
         os.close(meta_w)
         child_end.close()
         self.control = parent_end
